@@ -1,0 +1,307 @@
+//! The CPI's configuration: `cpi.json` (rendered by the BOSH job), overlaid by
+//! the request context's top-level keys of the same names (a director
+//! cpi-config merges its properties there).
+//!
+//! The schema lives in `spec/cpi.schema.json`; a test keeps the two in step.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{CpiError, Result};
+
+pub const DEFAULT_STEMCELL_FORMATS: [&str; 2] = ["openstack-qcow2", "openstack-raw"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub libvirt: LibvirtConfig,
+    pub pool: PoolConfig,
+    pub network: NetworkConfig,
+    pub agent: AgentConfig,
+    #[serde(default = "default_stemcell_formats")]
+    pub stemcell_formats: Vec<String>,
+    /// Where libvirt's host writes each VM's serial console log.
+    #[serde(default = "default_console_log_dir")]
+    pub console_log_dir: String,
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// Any URI libvirt accepts, e.g. `qemu+tls://host/system?pkipath=/dir`.
+    pub uri: String,
+    #[serde(default)]
+    pub domain_type: DomainType,
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    /// Turns off TLS certificate verification (adds `no_verify=1`). Never the default.
+    #[serde(default)]
+    pub insecure_skip_tls_verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    #[default]
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Directory of the `dir` pool; required when the CPI may create the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Whether the CPI defines, builds and starts the pool when it is missing.
+    #[serde(default)]
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The libvirt network VMs attach to unless a network's cloud_properties name another.
+    pub name: String,
+    /// IPv4 CIDR of the NAT network; when given, the CPI creates the network if missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub mbus: String,
+    #[serde(default)]
+    pub ntp: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blobstore: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+}
+
+fn default_stemcell_formats() -> Vec<String> {
+    DEFAULT_STEMCELL_FORMATS.iter().map(|s| s.to_string()).collect()
+}
+
+fn default_console_log_dir() -> String {
+    "/var/log/libvirt/qemu".to_string()
+}
+
+fn default_machine() -> String {
+    "q35".to_string()
+}
+
+impl Config {
+    /// Reads `path`, overlays the context's matching keys, validates.
+    pub fn load(path: Option<&Path>, context: &Map<String, Value>) -> Result<Config> {
+        let path = path.ok_or_else(|| {
+            CpiError::cloud("no config file: the CPI is run as `cpi <path to cpi.json>`")
+        })?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            CpiError::cloud(format!("reading config file {}: {e}", path.display()))
+        })?;
+        let file: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            CpiError::cloud(format!("config file {} is not valid JSON: {e}", path.display()))
+        })?;
+        Self::from_value(file, context)
+            .map_err(|e| e.context(format!("config file {}", path.display())))
+    }
+
+    pub fn from_value(mut file: Value, context: &Map<String, Value>) -> Result<Config> {
+        let Value::Object(ref mut object) = file else {
+            return Err(CpiError::cloud("config must be a JSON object"));
+        };
+        for key in CONFIG_KEYS {
+            if let Some(overlay) = context.get(*key) {
+                match object.get_mut(*key) {
+                    Some(base) => deep_merge(base, overlay),
+                    None => {
+                        object.insert(key.to_string(), overlay.clone());
+                    }
+                }
+            }
+        }
+        let config: Config = serde_path_to_error::deserialize(file).map_err(|e| {
+            let at = e.path().to_string();
+            if at == "." {
+                CpiError::cloud(format!("invalid config: {}", e.inner()))
+            } else {
+                CpiError::cloud(format!("invalid config at '{at}': {}", e.inner()))
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |m: String| Err(CpiError::cloud(format!("invalid config: {m}")));
+        if self.libvirt.uri.trim().is_empty() {
+            return invalid("libvirt.uri is empty".into());
+        }
+        if self.libvirt.uri.contains("no_verify=1") && !self.libvirt.insecure_skip_tls_verify {
+            return invalid("libvirt.uri turns TLS verification off (no_verify=1); set libvirt.insecure_skip_tls_verify to true if that is really wanted".into());
+        }
+        if self.pool.name.is_empty() || self.network.name.is_empty() {
+            return invalid("pool.name and network.name must not be empty".into());
+        }
+        if self.pool.create {
+            match &self.pool.path {
+                Some(p) if p.starts_with('/') => {}
+                _ => return invalid("pool.create needs pool.path, an absolute directory".into()),
+            }
+        }
+        if let Some(subnet) = &self.network.subnet {
+            if let Err(e) = crate::net::Ipv4Net::parse(subnet) {
+                return invalid(format!("network.subnet: {e}"));
+            }
+        }
+        if self.stemcell_formats.is_empty() {
+            return invalid("stemcell_formats must not be empty".into());
+        }
+        if self.agent.mbus.is_empty() {
+            return invalid("agent.mbus is empty".into());
+        }
+        Ok(())
+    }
+
+    /// The URI actually opened: with `no_verify=1` only when explicitly asked for.
+    pub fn libvirt_uri(&self) -> String {
+        let uri = &self.libvirt.uri;
+        if self.libvirt.insecure_skip_tls_verify && !uri.contains("no_verify=1") {
+            let sep = if uri.contains('?') { '&' } else { '?' };
+            format!("{uri}{sep}no_verify=1")
+        } else {
+            uri.clone()
+        }
+    }
+}
+
+/// Top-level keys of `cpi.json`, which a request context may override.
+pub const CONFIG_KEYS: &[&str] = &[
+    "libvirt",
+    "pool",
+    "network",
+    "agent",
+    "stemcell_formats",
+    "console_log_dir",
+    "log_level",
+];
+
+/// Objects merge key by key; anything else replaces.
+fn deep_merge(base: &mut Value, overlay: &Value) {
+    match (base, overlay) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(k) {
+                    Some(existing) => deep_merge(existing, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay.clone(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub fn sample() -> Value {
+        json!({
+            "libvirt": {"uri": "test:///default", "domain_type": "qemu"},
+            "pool": {"name": "bosh", "path": "/var/lib/bosh-pool", "create": true},
+            "network": {"name": "bosh-net", "subnet": "10.0.16.0/24"},
+            "agent": {"mbus": "nats://10.0.16.6:4222", "ntp": ["time1.example"]}
+        })
+    }
+
+    fn load(v: Value) -> Result<Config> {
+        Config::from_value(v, &Map::new())
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = load(sample()).unwrap();
+        assert_eq!(c.libvirt.machine, "q35");
+        assert_eq!(c.libvirt.domain_type, DomainType::Qemu);
+        assert_eq!(c.stemcell_formats, vec!["openstack-qcow2", "openstack-raw"]);
+        assert_eq!(c.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_named() {
+        let mut v = sample();
+        v["pool"]["colour"] = json!("blue");
+        let e = load(v).unwrap_err().message;
+        assert!(e.contains("'pool.colour'") && e.contains("unknown field `colour`"), "{e}");
+        let mut v = sample();
+        v["libvirt"].as_object_mut().unwrap().remove("uri");
+        let e = load(v).unwrap_err().message;
+        assert!(e.contains("missing field `uri`"), "{e}");
+        let mut v = sample();
+        v.as_object_mut().unwrap().remove("agent");
+        assert!(load(v).unwrap_err().message.contains("missing field `agent`"));
+    }
+
+    #[test]
+    fn context_overrides_file() {
+        let ctx = json!({"director_uuid": "x", "request_id": "cpi-1", "vm": {"stemcell": {"api_version": 3}},
+                         "libvirt": {"uri": "qemu+tls://kvm-2/system"}, "pool": {"name": "other"}});
+        let c = Config::from_value(sample(), ctx.as_object().unwrap()).unwrap();
+        assert_eq!(c.libvirt.uri, "qemu+tls://kvm-2/system");
+        assert_eq!(c.libvirt.domain_type, DomainType::Qemu, "merge keeps the rest");
+        assert_eq!(c.pool.name, "other");
+        assert_eq!(c.pool.path.as_deref(), Some("/var/lib/bosh-pool"));
+    }
+
+    #[test]
+    fn tls_verification_is_only_off_when_asked() {
+        let mut v = sample();
+        v["libvirt"]["uri"] = json!("qemu+tls://h/system?no_verify=1");
+        assert!(load(v.clone()).unwrap_err().message.contains("insecure_skip_tls_verify"));
+        v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p");
+        v["libvirt"]["insecure_skip_tls_verify"] = json!(true);
+        assert_eq!(load(v).unwrap().libvirt_uri(), "qemu+tls://h/system?pkipath=/p&no_verify=1");
+        assert_eq!(load(sample()).unwrap().libvirt_uri(), "test:///default");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let mut v = sample();
+        v["pool"]["path"] = json!("relative");
+        assert!(load(v).unwrap_err().message.contains("pool.create needs pool.path"));
+        let mut v = sample();
+        v["network"]["subnet"] = json!("10.0.0.0/33");
+        assert!(load(v).unwrap_err().message.contains("network.subnet"));
+        let mut v = sample();
+        v["libvirt"]["domain_type"] = json!("xen");
+        assert!(load(v).unwrap_err().message.contains("'libvirt.domain_type'"));
+    }
+}

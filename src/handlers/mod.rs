@@ -1,0 +1,74 @@
+//! CPI method handlers: one exhaustive match from `Method` to the function that
+//! does it. Handlers get a `Call`, which carries the config, the logger and a
+//! libvirt connection opened on first use (so `info` never touches libvirt).
+
+mod info;
+mod vm;
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::envelope::Request;
+use crate::error::{CpiError, Result};
+use crate::libvirt::Libvirt;
+use crate::log::Logger;
+use crate::method::Method;
+
+pub struct Call<'a> {
+    pub config: &'a Config,
+    pub log: &'a mut Logger,
+    pub request: &'a Request,
+    libvirt: Option<Libvirt>,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(config: &'a Config, log: &'a mut Logger, request: &'a Request) -> Self {
+        Call {
+            config,
+            log,
+            request,
+            libvirt: None,
+        }
+    }
+
+    /// The connection, opened on first use.
+    pub fn libvirt(&mut self) -> Result<&Libvirt> {
+        if self.libvirt.is_none() {
+            let uri = self.config.libvirt_uri();
+            self.log.debug(format!("connecting to {uri}"));
+            self.libvirt = Some(Libvirt::open(&uri)?);
+        }
+        Ok(self.libvirt.as_ref().expect("connection was just opened"))
+    }
+}
+
+pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
+    match method {
+        Method::Info => info::info(call.config),
+        Method::HasVm { vm_cid } => vm::has_vm(call, &vm_cid),
+        Method::CreateStemcell { .. }
+        | Method::DeleteStemcell { .. }
+        | Method::CreateVm { .. }
+        | Method::DeleteVm { .. }
+        | Method::RebootVm { .. }
+        | Method::SetVmMetadata { .. }
+        | Method::CalculateVmCloudProperties { .. }
+        | Method::CreateDisk { .. }
+        | Method::DeleteDisk { .. }
+        | Method::HasDisk { .. }
+        | Method::AttachDisk { .. }
+        | Method::DetachDisk { .. }
+        | Method::GetDisks { .. }
+        | Method::ResizeDisk { .. }
+        | Method::UpdateDisk { .. }
+        | Method::SetDiskMetadata { .. }
+        | Method::SnapshotDisk { .. }
+        | Method::DeleteSnapshot { .. } => Err(CpiError::not_implemented(format!(
+            "{} is not implemented yet",
+            call.request.method
+        ))),
+        Method::CurrentVmId => Err(CpiError::not_implemented(
+            "current_vm_id is not implemented: the CPI does not run inside a VM it manages",
+        )),
+    }
+}

@@ -1,0 +1,104 @@
+//! The libvirt layer: the one seam between CPI handlers and the hypervisor.
+//!
+//! It opens the connection (our own error handling, keepalive on), and turns
+//! every libvirt failure into a `CloudError` that says what was being done and
+//! libvirt's reason. "Not found" is a value here (`Option`), never an error;
+//! handlers decide which BOSH type it becomes.
+
+pub mod domain;
+
+use std::sync::Once;
+
+use virt::connect::Connect;
+use virt::error::ErrorNumber;
+
+use crate::error::{CpiError, Result};
+
+pub struct Libvirt {
+    conn: Option<Connect>,
+    uri: String,
+}
+
+static INIT: Once = Once::new();
+
+/// libvirt's default handler prints every error to stderr; we report errors
+/// ourselves. Keepalive needs an event loop, which runs on a background thread
+/// for the life of the process.
+fn init_process() {
+    INIT.call_once(|| {
+        virt::error::clear_error_callback();
+        if virt::event::event_register_default_impl().is_ok() {
+            std::thread::spawn(|| loop {
+                if virt::event::event_run_default_impl().is_err() {
+                    break;
+                }
+            });
+        }
+    });
+}
+
+impl Libvirt {
+    pub fn open(uri: &str) -> Result<Libvirt> {
+        init_process();
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| CpiError::cloud(format!("connecting to libvirt at {uri}: {}", e.message())))?;
+        // Local drivers have no keepalive; a remote one that refuses it still works.
+        let _ = conn.set_keep_alive(5, 6);
+        Ok(Libvirt {
+            conn: Some(conn),
+            uri: uri.to_string(),
+        })
+    }
+
+    pub fn conn(&self) -> &Connect {
+        // Only `drop` takes the connection out.
+        self.conn.as_ref().expect("libvirt connection is open until drop")
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        // virt's own Drop panics when close fails; a closing connection that
+        // errors is of no interest to a process that is about to exit.
+        if let Some(conn) = self.conn.take() {
+            unsafe {
+                virt::sys::virConnectClose(conn.as_ptr());
+            }
+            std::mem::forget(conn);
+        }
+    }
+}
+
+/// Turns a libvirt error into a `CloudError` naming what was being done.
+pub fn lv_error(doing: impl std::fmt::Display, e: virt::error::Error) -> CpiError {
+    CpiError::cloud(format!("{doing}: {}", e.message()))
+}
+
+/// Maps "no such object" errors to `None`, everything else to a `CloudError`.
+pub fn not_found_as_none<T>(
+    r: std::result::Result<T, virt::error::Error>,
+    doing: impl std::fmt::Display,
+) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(lv_error(doing, e)),
+    }
+}
+
+pub fn is_not_found(e: &virt::error::Error) -> bool {
+    e.code().is_known_and(|c| {
+        matches!(
+            c,
+            ErrorNumber::NoDomain
+                | ErrorNumber::NoStorageVolume
+                | ErrorNumber::NoStoragePool
+                | ErrorNumber::NoNetwork
+                | ErrorNumber::NoDomainMetadata
+        )
+    })
+}

@@ -31,9 +31,10 @@ pub fn is_stemcell_cid(cid: &str) -> bool {
 
 pub fn is_disk_cid(cid: &str) -> bool {
     cid.len() == 20
-        && cid
-            .strip_prefix("disk-")
-            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        && cid.strip_prefix("disk-").is_some_and(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        })
 }
 
 #[cfg(test)]

@@ -104,7 +104,10 @@ pub enum LogLevel {
 }
 
 fn default_stemcell_formats() -> Vec<String> {
-    DEFAULT_STEMCELL_FORMATS.iter().map(|s| s.to_string()).collect()
+    DEFAULT_STEMCELL_FORMATS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn default_console_log_dir() -> String {
@@ -121,11 +124,13 @@ impl Config {
         let path = path.ok_or_else(|| {
             CpiError::cloud("no config file: the CPI is run as `cpi <path to cpi.json>`")
         })?;
-        let bytes = std::fs::read(path).map_err(|e| {
-            CpiError::cloud(format!("reading config file {}: {e}", path.display()))
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| CpiError::cloud(format!("reading config file {}: {e}", path.display())))?;
         let file: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            CpiError::cloud(format!("config file {} is not valid JSON: {e}", path.display()))
+            CpiError::cloud(format!(
+                "config file {} is not valid JSON: {e}",
+                path.display()
+            ))
         })?;
         Self::from_value(file, context)
             .map_err(|e| e.context(format!("config file {}", path.display())))
@@ -260,14 +265,20 @@ pub(crate) mod tests {
         let mut v = sample();
         v["pool"]["colour"] = json!("blue");
         let e = load(v).unwrap_err().message;
-        assert!(e.contains("'pool.colour'") && e.contains("unknown field `colour`"), "{e}");
+        assert!(
+            e.contains("'pool.colour'") && e.contains("unknown field `colour`"),
+            "{e}"
+        );
         let mut v = sample();
         v["libvirt"].as_object_mut().unwrap().remove("uri");
         let e = load(v).unwrap_err().message;
         assert!(e.contains("missing field `uri`"), "{e}");
         let mut v = sample();
         v.as_object_mut().unwrap().remove("agent");
-        assert!(load(v).unwrap_err().message.contains("missing field `agent`"));
+        assert!(load(v)
+            .unwrap_err()
+            .message
+            .contains("missing field `agent`"));
     }
 
     #[test]
@@ -276,7 +287,11 @@ pub(crate) mod tests {
                          "libvirt": {"uri": "qemu+tls://kvm-2/system"}, "pool": {"name": "other"}});
         let c = Config::from_value(sample(), ctx.as_object().unwrap()).unwrap();
         assert_eq!(c.libvirt.uri, "qemu+tls://kvm-2/system");
-        assert_eq!(c.libvirt.domain_type, DomainType::Qemu, "merge keeps the rest");
+        assert_eq!(
+            c.libvirt.domain_type,
+            DomainType::Qemu,
+            "merge keeps the rest"
+        );
         assert_eq!(c.pool.name, "other");
         assert_eq!(c.pool.path.as_deref(), Some("/var/lib/bosh-pool"));
     }
@@ -285,10 +300,16 @@ pub(crate) mod tests {
     fn tls_verification_is_only_off_when_asked() {
         let mut v = sample();
         v["libvirt"]["uri"] = json!("qemu+tls://h/system?no_verify=1");
-        assert!(load(v.clone()).unwrap_err().message.contains("insecure_skip_tls_verify"));
+        assert!(load(v.clone())
+            .unwrap_err()
+            .message
+            .contains("insecure_skip_tls_verify"));
         v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p");
         v["libvirt"]["insecure_skip_tls_verify"] = json!(true);
-        assert_eq!(load(v).unwrap().libvirt_uri(), "qemu+tls://h/system?pkipath=/p&no_verify=1");
+        assert_eq!(
+            load(v).unwrap().libvirt_uri(),
+            "qemu+tls://h/system?pkipath=/p&no_verify=1"
+        );
         assert_eq!(load(sample()).unwrap().libvirt_uri(), "test:///default");
     }
 
@@ -296,12 +317,18 @@ pub(crate) mod tests {
     fn semantic_checks() {
         let mut v = sample();
         v["pool"]["path"] = json!("relative");
-        assert!(load(v).unwrap_err().message.contains("pool.create needs pool.path"));
+        assert!(load(v)
+            .unwrap_err()
+            .message
+            .contains("pool.create needs pool.path"));
         let mut v = sample();
         v["network"]["subnet"] = json!("10.0.0.0/33");
         assert!(load(v).unwrap_err().message.contains("network.subnet"));
         let mut v = sample();
         v["libvirt"]["domain_type"] = json!("xen");
-        assert!(load(v).unwrap_err().message.contains("'libvirt.domain_type'"));
+        assert!(load(v)
+            .unwrap_err()
+            .message
+            .contains("'libvirt.domain_type'"));
     }
 }

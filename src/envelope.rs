@@ -30,10 +30,15 @@ impl Request {
 
 pub fn parse_request(bytes: &[u8]) -> Result<Request, CpiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(CpiError::bad_request("empty request: expected one JSON object on stdin"));
+        return Err(CpiError::bad_request(
+            "empty request: expected one JSON object on stdin",
+        ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        CpiError::bad_request(format!("request is not valid UTF-8 (at byte {})", e.valid_up_to()))
+        CpiError::bad_request(format!(
+            "request is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
     })?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| CpiError::bad_request(format!("request is not valid JSON: {e}")))?;

@@ -77,7 +77,10 @@ impl CpiError {
     }
 
     pub fn disk_not_found(disk_cid: &str) -> Self {
-        Self::new(ErrorKind::DiskNotFound, format!("disk '{disk_cid}' not found"))
+        Self::new(
+            ErrorKind::DiskNotFound,
+            format!("disk '{disk_cid}' not found"),
+        )
     }
 
     pub fn retryable(mut self, ok_to_retry: bool) -> Self {

@@ -38,7 +38,10 @@ pub fn run(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Respo
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            (Value::Null, Some(CpiError::cloud(format!("internal error (panic): {what}"))))
+            (
+                Value::Null,
+                Some(CpiError::cloud(format!("internal error (panic): {what}"))),
+            )
         }
     };
     if let Some(e) = &error {

@@ -96,7 +96,10 @@ pub enum Method {
 
 impl Method {
     pub fn parse(name: &str, arguments: &[Value]) -> Result<Method> {
-        let a = Args { method: name, values: arguments };
+        let a = Args {
+            method: name,
+            values: arguments,
+        };
         let method = match name {
             "info" => Method::Info,
             "create_stemcell" => {
@@ -108,10 +111,19 @@ impl Method {
             }
             "delete_stemcell" => {
                 a.expect(&["stemcell_cid"])?;
-                Method::DeleteStemcell { stemcell_cid: a.string(0, "stemcell_cid")? }
+                Method::DeleteStemcell {
+                    stemcell_cid: a.string(0, "stemcell_cid")?,
+                }
             }
             "create_vm" => {
-                a.expect(&["agent_id", "stemcell_cid", "cloud_properties", "networks", "disk_cids", "env"])?;
+                a.expect(&[
+                    "agent_id",
+                    "stemcell_cid",
+                    "cloud_properties",
+                    "networks",
+                    "disk_cids",
+                    "env",
+                ])?;
                 Method::CreateVm {
                     agent_id: a.string(0, "agent_id")?,
                     stemcell_cid: a.string(1, "stemcell_cid")?,
@@ -123,15 +135,21 @@ impl Method {
             }
             "delete_vm" => {
                 a.expect(&["vm_cid"])?;
-                Method::DeleteVm { vm_cid: a.string(0, "vm_cid")? }
+                Method::DeleteVm {
+                    vm_cid: a.string(0, "vm_cid")?,
+                }
             }
             "has_vm" => {
                 a.expect(&["vm_cid"])?;
-                Method::HasVm { vm_cid: a.string(0, "vm_cid")? }
+                Method::HasVm {
+                    vm_cid: a.string(0, "vm_cid")?,
+                }
             }
             "reboot_vm" => {
                 a.expect(&["vm_cid"])?;
-                Method::RebootVm { vm_cid: a.string(0, "vm_cid")? }
+                Method::RebootVm {
+                    vm_cid: a.string(0, "vm_cid")?,
+                }
             }
             "set_vm_metadata" => {
                 a.expect(&["vm_cid", "metadata"])?;
@@ -167,11 +185,15 @@ impl Method {
             }
             "delete_disk" => {
                 a.expect(&["disk_cid"])?;
-                Method::DeleteDisk { disk_cid: a.string(0, "disk_cid")? }
+                Method::DeleteDisk {
+                    disk_cid: a.string(0, "disk_cid")?,
+                }
             }
             "has_disk" => {
                 a.expect(&["disk_cid"])?;
-                Method::HasDisk { disk_cid: a.string(0, "disk_cid")? }
+                Method::HasDisk {
+                    disk_cid: a.string(0, "disk_cid")?,
+                }
             }
             "attach_disk" => {
                 a.expect(&["vm_cid", "disk_cid"])?;
@@ -189,7 +211,9 @@ impl Method {
             }
             "get_disks" => {
                 a.expect(&["vm_cid"])?;
-                Method::GetDisks { vm_cid: a.string(0, "vm_cid")? }
+                Method::GetDisks {
+                    vm_cid: a.string(0, "vm_cid")?,
+                }
             }
             "resize_disk" => {
                 a.expect(&["disk_cid", "new_size"])?;
@@ -222,7 +246,9 @@ impl Method {
             }
             "delete_snapshot" => {
                 a.expect(&["snapshot_cid"])?;
-                Method::DeleteSnapshot { snapshot_cid: a.string(0, "snapshot_cid")? }
+                Method::DeleteSnapshot {
+                    snapshot_cid: a.string(0, "snapshot_cid")?,
+                }
             }
             "current_vm_id" => Method::CurrentVmId,
             other => {
@@ -344,16 +370,25 @@ mod tests {
     fn unknown_method_is_not_implemented() {
         let e = parse("create_network", json!([])).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotImplemented);
-        assert_eq!(e.message, "Must call implemented method: Unknown method 'create_network'");
+        assert_eq!(
+            e.message,
+            "Must call implemented method: Unknown method 'create_network'"
+        );
     }
 
     #[test]
     fn wrong_counts_and_types_name_the_argument() {
         let e = parse("has_vm", json!([])).unwrap_err();
         assert_eq!(e.kind, ErrorKind::CpiError);
-        assert!(e.message.contains("expected 1 arguments (vm_cid), got 0"), "{}", e.message);
+        assert!(
+            e.message.contains("expected 1 arguments (vm_cid), got 0"),
+            "{}",
+            e.message
+        );
         let e = parse("has_vm", json!([42])).unwrap_err();
-        assert!(e.message.contains("argument 1 (vm_cid) must be a non-empty string, got a number"));
+        assert!(e
+            .message
+            .contains("argument 1 (vm_cid) must be a non-empty string, got a number"));
         let e = parse("has_vm", json!([""])).unwrap_err();
         assert!(e.message.contains("non-empty string"));
         let e = parse("create_disk", json!([-1, {}, null])).unwrap_err();
@@ -364,22 +399,43 @@ mod tests {
 
     #[test]
     fn surplus_arguments_are_ignored() {
-        let m = parse("create_stemcell", json!(["/tmp/image", {"disk": 5120}, {"tags": {}}])).unwrap();
-        assert!(matches!(m, Method::CreateStemcell { ref image_path, .. } if image_path == "/tmp/image"));
+        let m = parse(
+            "create_stemcell",
+            json!(["/tmp/image", {"disk": 5120}, {"tags": {}}]),
+        )
+        .unwrap();
+        assert!(
+            matches!(m, Method::CreateStemcell { ref image_path, .. } if image_path == "/tmp/image")
+        );
     }
 
     #[test]
     fn create_vm_keeps_env_verbatim() {
         let env = json!({"bosh": {"password": "x", "weird": [1, {"a": null}]}});
-        let m = parse("create_vm", json!(["agent", "sc-1", {}, {"default": {"type": "dynamic"}}, [], env])).unwrap();
-        let Method::CreateVm { env: got, disk_cids, .. } = m else { panic!() };
+        let m = parse(
+            "create_vm",
+            json!(["agent", "sc-1", {}, {"default": {"type": "dynamic"}}, [], env]),
+        )
+        .unwrap();
+        let Method::CreateVm {
+            env: got,
+            disk_cids,
+            ..
+        } = m
+        else {
+            panic!()
+        };
         assert_eq!(got, env);
         assert!(disk_cids.is_empty());
     }
 
     #[test]
     fn calculate_vm_cloud_properties_needs_all_fields() {
-        let e = parse("calculate_vm_cloud_properties", json!([{"cpu": 2, "ram": 1024}])).unwrap_err();
+        let e = parse(
+            "calculate_vm_cloud_properties",
+            json!([{"cpu": 2, "ram": 1024}]),
+        )
+        .unwrap_err();
         assert!(e.message.contains("ephemeral_disk_size is missing"));
     }
 }

@@ -6,6 +6,9 @@
 //! handlers decide which BOSH type it becomes.
 
 pub mod domain;
+pub mod pool;
+
+pub use pool::xml_escape;
 
 use std::sync::Once;
 
@@ -40,8 +43,9 @@ fn init_process() {
 impl Libvirt {
     pub fn open(uri: &str) -> Result<Libvirt> {
         init_process();
-        let conn = Connect::open(Some(uri))
-            .map_err(|e| CpiError::cloud(format!("connecting to libvirt at {uri}: {}", e.message())))?;
+        let conn = Connect::open(Some(uri)).map_err(|e| {
+            CpiError::cloud(format!("connecting to libvirt at {uri}: {}", e.message()))
+        })?;
         // Local drivers have no keepalive; a remote one that refuses it still works.
         let _ = conn.set_keep_alive(5, 6);
         Ok(Libvirt {
@@ -52,7 +56,9 @@ impl Libvirt {
 
     pub fn conn(&self) -> &Connect {
         // Only `drop` takes the connection out.
-        self.conn.as_ref().expect("libvirt connection is open until drop")
+        self.conn
+            .as_ref()
+            .expect("libvirt connection is open until drop")
     }
 
     pub fn uri(&self) -> &str {

@@ -1,0 +1,99 @@
+//! The dedicated `dir` storage pool and lookups of the volumes in it.
+//!
+//! Many CPI processes may find the pool missing at the same moment: each one
+//! tries to define and start it, and treats "someone else just did" as success.
+
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::{lv_error, not_found_as_none, Libvirt};
+use crate::config::PoolConfig;
+use crate::error::{CpiError, Result};
+
+impl Libvirt {
+    /// The configured pool, active; defined, built, started and autostarted
+    /// first when it is missing and the config allows it.
+    pub fn pool(&self, cfg: &PoolConfig) -> Result<StoragePool> {
+        let name = &cfg.name;
+        let pool = match self.find_pool(name)? {
+            Some(pool) => pool,
+            None if cfg.create => self.define_pool(cfg)?,
+            None => {
+                return Err(CpiError::cloud(format!(
+                "storage pool '{name}' does not exist (set pool.create to let the CPI create it)"
+            )))
+            }
+        };
+        if !pool
+            .is_active()
+            .map_err(|e| lv_error(format!("checking storage pool {name}"), e))?
+        {
+            if let Err(e) = pool.create(0) {
+                // Another CPI may have started it between our check and now.
+                if !pool.is_active().unwrap_or(false) {
+                    return Err(lv_error(format!("starting storage pool {name}"), e));
+                }
+            }
+        }
+        Ok(pool)
+    }
+
+    fn find_pool(&self, name: &str) -> Result<Option<StoragePool>> {
+        not_found_as_none(
+            self.conn().lookup_storage_pool_by_name(name),
+            format!("looking up storage pool {name}"),
+        )
+    }
+
+    fn define_pool(&self, cfg: &PoolConfig) -> Result<StoragePool> {
+        let name = &cfg.name;
+        let path = cfg.path.as_deref().unwrap_or_default();
+        let xml = format!(
+            "<pool type='dir'><name>{}</name><target><path>{}</path>\
+             <permissions><mode>0755</mode></permissions></target></pool>",
+            xml_escape(name),
+            xml_escape(path)
+        );
+        let pool = match self.conn().define_storage_pool_xml(&xml, 0) {
+            Ok(pool) => pool,
+            // Lost a race with another CPI defining the same pool.
+            Err(e) => match self.find_pool(name)? {
+                Some(pool) => return Ok(pool),
+                None => {
+                    return Err(lv_error(
+                        format!("defining storage pool {name} at {path}"),
+                        e,
+                    ))
+                }
+            },
+        };
+        pool.build(0)
+            .map_err(|e| lv_error(format!("building storage pool {name} at {path}"), e))?;
+        pool.set_autostart(true)
+            .map_err(|e| lv_error(format!("setting autostart on storage pool {name}"), e))?;
+        Ok(pool)
+    }
+
+    pub fn find_volume(&self, pool: &StoragePool, name: &str) -> Result<Option<StorageVol>> {
+        not_found_as_none(
+            pool.lookup_storage_vol_by_name(name),
+            format!("looking up volume {name}"),
+        )
+    }
+}
+
+/// Escapes text for XML element content and attribute values.
+pub fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

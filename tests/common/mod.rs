@@ -1,0 +1,283 @@
+//! Shared helpers for the integration tests: run the built `cpi` binary the way
+//! the director does (cleared environment, one request on stdin), check every
+//! response against the director's rules, and look at what libvirt holds.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+
+pub const DIRECTOR_UUID: &str = "c9d2b1e4-6a3f-4e7b-9f10-3b2a5c8d7e61";
+
+pub struct Testbed {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub uri: String,
+}
+
+impl Testbed {
+    pub fn config_json(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(&self.config).unwrap()).unwrap()
+    }
+
+    /// A copy of the test-bed config with `patch` deep-merged in, in a temp file.
+    pub fn config_with(&self, name: &str, patch: Value) -> PathBuf {
+        let mut cfg = self.config_json();
+        merge(&mut cfg, &patch);
+        let path = scratch_dir(name).join("cpi.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        path
+    }
+
+    pub fn stemcell_dir(&self, kind: &str) -> PathBuf {
+        self.dir.join("stemcells").join(kind)
+    }
+
+    /// `virsh` against the test bed over TLS, as the CPI sees it.
+    pub fn virsh(&self, args: &[&str]) -> std::process::Output {
+        Command::new("virsh")
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .output()
+            .expect("running virsh")
+    }
+
+    /// `virsh` that must succeed; returns stdout.
+    pub fn virsh_ok(&self, args: &[&str]) -> String {
+        let out = self.virsh(args);
+        assert!(
+            out.status.success(),
+            "virsh {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn pool_name(&self) -> String {
+        self.config_json()["pool"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Names of the volumes in the test bed's pool.
+    pub fn volumes(&self) -> Vec<String> {
+        let pool = self.pool_name();
+        let _ = self.virsh(&["pool-refresh", &pool]);
+        self.virsh_ok(&["vol-list", &pool, "--details"])
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+}
+
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+/// Brings the test bed up once per test binary (`ci/testbed up` is idempotent
+/// and fast when it is already up) and builds the test stemcells.
+pub fn testbed() -> &'static Testbed {
+    static TB: OnceLock<Testbed> = OnceLock::new();
+    TB.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        for script in ["ci/testbed", "ci/build-test-stemcells"] {
+            let mut cmd = Command::new(root.join(script));
+            if script == "ci/testbed" {
+                cmd.arg("up");
+            }
+            let out = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("running {script}: {e}"));
+            assert!(
+                out.status.success(),
+                "{script} failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let dir = std::fs::canonicalize(root.join("target/testbed")).unwrap();
+        let config = dir.join("cpi.json");
+        let cfg: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+        let uri = cfg["libvirt"]["uri"].as_str().unwrap().to_string();
+        Testbed {
+            root,
+            dir,
+            config,
+            uri,
+        }
+    })
+}
+
+/// A fresh scratch directory under target/ for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-scratch")
+        .join(format!("{name}-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{:x}{:x}", n, std::process::id())
+}
+
+pub struct CpiRun {
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub response: Value,
+}
+
+/// Runs the binary exactly as the director does: no argv but the config path,
+/// only PATH, HOME and TMPDIR in the environment, the request on stdin, then
+/// EOF. Asserts exit status 0 and a response the director accepts.
+pub fn run_cpi_raw(config: Option<&Path>, stdin: &[u8]) -> CpiRun {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cpi"));
+    if let Some(config) = config {
+        cmd.arg(config);
+    }
+    let mut child = cmd
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+        )
+        .env("TMPDIR", std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the cpi binary");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "cpi must exit 0; stderr:\n{stderr}"
+    );
+    let response = assert_director_response(&out.stdout);
+    CpiRun {
+        stdout: out.stdout,
+        stderr,
+        response,
+    }
+}
+
+pub const KNOWN_ERROR_TYPES: &[&str] = &[
+    "Bosh::Clouds::CpiError",
+    "Bosh::Clouds::NotSupported",
+    "Bosh::Clouds::NotImplemented",
+    "Bosh::Clouds::CloudError",
+    "Bosh::Clouds::VMNotFound",
+    "Bosh::Clouds::NetworkNotFound",
+    "Bosh::Clouds::NoDiskSpace",
+    "Bosh::Clouds::DiskNotAttached",
+    "Bosh::Clouds::DiskNotFound",
+    "Bosh::Clouds::VMCreationFailed",
+];
+
+/// The director's response schema (external_cpi.rb RESPONSE_SCHEMA and
+/// KNOWN_RPC_ERRORS): stdout is exactly one JSON object with `result`,
+/// `error` (null or {type known, message string, ok_to_retry bool}) and `log`
+/// (a string); nothing else on stdout.
+pub fn assert_director_response(stdout: &[u8]) -> Value {
+    let text = std::str::from_utf8(stdout).expect("stdout must be UTF-8");
+    let value: Value = serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("stdout must be exactly one JSON document ({e}): {text:?}"));
+    let obj = value
+        .as_object()
+        .unwrap_or_else(|| panic!("response must be an object: {text}"));
+    for key in ["result", "error", "log"] {
+        assert!(obj.contains_key(key), "response lacks '{key}': {text}");
+    }
+    assert!(obj["log"].is_string(), "log must be a string: {text}");
+    match &obj["error"] {
+        Value::Null => {}
+        Value::Object(e) => {
+            let t = e
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| panic!("error.type: {text}"));
+            assert!(
+                KNOWN_ERROR_TYPES.contains(&t),
+                "unknown error type {t}: {text}"
+            );
+            assert!(
+                e.get("message").is_some_and(Value::is_string),
+                "error.message: {text}"
+            );
+            assert!(
+                e.get("ok_to_retry").is_some_and(Value::is_boolean),
+                "error.ok_to_retry: {text}"
+            );
+            assert!(
+                obj["result"].is_null(),
+                "result must be null with an error: {text}"
+            );
+        }
+        other => panic!("error must be null or an object, got {other}: {text}"),
+    }
+    value
+}
+
+/// A request as the director sends it (v2, with a request id).
+pub fn director_request(method: &str, arguments: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "method": method,
+        "arguments": arguments,
+        "context": {"director_uuid": DIRECTOR_UUID, "request_id": "cpi-123456", "vm": {"stemcell": {"api_version": 3}}},
+        "api_version": 2
+    }))
+    .unwrap()
+}
+
+/// Calls a method; returns the whole response.
+pub fn call(config: &Path, method: &str, arguments: Value) -> Value {
+    run_cpi_raw(Some(config), &director_request(method, arguments)).response
+}
+
+/// Calls a method that must succeed; returns its result.
+pub fn ok(config: &Path, method: &str, arguments: Value) -> Value {
+    let r = call(config, method, arguments.clone());
+    assert!(
+        r["error"].is_null(),
+        "{method} {arguments} failed: {}",
+        r["error"]
+    );
+    r["result"].clone()
+}
+
+/// Calls a method that must fail; returns (type without prefix, message).
+pub fn err(config: &Path, method: &str, arguments: Value) -> (String, String) {
+    let r = call(config, method, arguments.clone());
+    assert!(
+        !r["error"].is_null(),
+        "{method} {arguments} should have failed: {r}"
+    );
+    let t = r["error"]["type"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Bosh::Clouds::")
+        .to_string();
+    (t, r["error"]["message"].as_str().unwrap().to_string())
+}

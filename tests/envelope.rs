@@ -1,0 +1,189 @@
+//! The envelope through the built binary, as the director runs it: every
+//! malformed input still yields one valid response and exit 0.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn static_config() -> std::path::PathBuf {
+    let dir = scratch_dir("envelope");
+    let path = dir.join("cpi.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&json!({
+            "libvirt": {"uri": "test:///default", "domain_type": "qemu"},
+            "pool": {"name": "p"}, "network": {"name": "n"},
+            "agent": {"mbus": "nats://1.2.3.4:4222"},
+            "stemcell_formats": ["openstack-qcow2"]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+fn error_of(config: Option<&std::path::Path>, stdin: &[u8]) -> (String, String) {
+    let r = run_cpi_raw(config, stdin).response;
+    assert!(
+        !r["error"].is_null(),
+        "expected an error for {:?}: {r}",
+        String::from_utf8_lossy(stdin)
+    );
+    (
+        r["error"]["type"].as_str().unwrap().to_string(),
+        r["error"]["message"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn malformed_input_gets_a_typed_error() {
+    let cfg = static_config();
+    let cases: &[(&[u8], &str)] = &[
+        (b"", "empty request"),
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "UTF-8"),
+        (b"[]", "must be a JSON object"),
+        (b"42", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b"{\"arguments\":[]}", "Must provide 'method' key"),
+        (
+            b"{\"method\":7,\"arguments\":[]}",
+            "'method' must be a non-empty string",
+        ),
+        (b"{\"method\":\"info\"}", "Must provide 'arguments' key"),
+        (
+            b"{\"method\":\"info\",\"arguments\":\"x\"}",
+            "'arguments' must be an array",
+        ),
+        (
+            b"{\"method\":\"has_vm\",\"arguments\":[]}",
+            "expected 1 arguments",
+        ),
+        (
+            b"{\"method\":\"has_vm\",\"arguments\":[{}]}",
+            "(vm_cid) must be a non-empty string",
+        ),
+        (
+            b"{\"method\":\"create_disk\",\"arguments\":[\"big\",{},null]}",
+            "(size) must be a positive integer",
+        ),
+        (
+            b"{\"method\":\"info\",\"arguments\":[]}{\"method\":\"info\",\"arguments\":[]}",
+            "not valid JSON",
+        ),
+    ];
+    for (input, wanted) in cases {
+        let (t, m) = error_of(Some(&cfg), input);
+        assert_eq!(
+            t,
+            "Bosh::Clouds::CpiError",
+            "type for {:?}",
+            String::from_utf8_lossy(input)
+        );
+        assert!(
+            m.contains(wanted),
+            "{:?}: message {m:?} lacks {wanted:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+}
+
+#[test]
+fn unknown_method_is_not_implemented() {
+    let cfg = static_config();
+    let (t, m) = error_of(Some(&cfg), &director_request("create_network", json!([{}])));
+    assert_eq!(t, "Bosh::Clouds::NotImplemented");
+    assert_eq!(
+        m,
+        "Must call implemented method: Unknown method 'create_network'"
+    );
+}
+
+#[test]
+fn info_answers_from_config_without_libvirt() {
+    // The URI points nowhere reachable: info must not care.
+    let dir = scratch_dir("info");
+    let cfg = dir.join("cpi.json");
+    std::fs::write(&cfg, br#"{"libvirt":{"uri":"qemu+tls://nowhere.invalid/system"},"pool":{"name":"p"},"network":{"name":"n"},"agent":{"mbus":"m"}}"#).unwrap();
+    for request in [
+        br#"{"method":"info","arguments":[],"context":{"director_uuid":"d","request_id":"cpi-482913"}}"#.to_vec(),
+        br#"{"method":"info","arguments":[],"context":{"director_uuid":"d","vm":{"stemcell":{"api_version":3}}},"api_version":1}"#.to_vec(),
+    ] {
+        let r = run_cpi_raw(Some(&cfg), &request);
+        assert_eq!(
+            r.response,
+            json!({"result": {"api_version": 2, "stemcell_formats": ["openstack-qcow2", "openstack-raw"]}, "error": null, "log": ""})
+        );
+    }
+    let r = run_cpi_raw(Some(&static_config()), &director_request("info", json!([])));
+    assert_eq!(
+        r.response["result"]["stemcell_formats"],
+        json!(["openstack-qcow2"])
+    );
+}
+
+#[test]
+fn missing_or_invalid_config_is_a_cloud_error() {
+    let request = director_request("info", json!([]));
+    let (t, m) = error_of(None, &request);
+    assert_eq!(t, "Bosh::Clouds::CloudError");
+    assert!(m.contains("no config file"), "{m}");
+
+    let missing = scratch_dir("cfg").join("absent.json");
+    let (t, m) = error_of(Some(&missing), &request);
+    assert_eq!(t, "Bosh::Clouds::CloudError");
+    assert!(m.contains("reading config file"), "{m}");
+
+    let dir = scratch_dir("cfg");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, b"{not json").unwrap();
+    assert!(error_of(Some(&bad), &request).1.contains("not valid JSON"));
+
+    std::fs::write(&bad, br#"{"libvirt":{"uri":"test:///default","colour":1},"pool":{"name":"p"},"network":{"name":"n"},"agent":{"mbus":"m"}}"#).unwrap();
+    let (_, m) = error_of(Some(&bad), &request);
+    assert!(
+        m.contains("libvirt.colour") && m.contains("unknown field"),
+        "{m}"
+    );
+
+    std::fs::write(
+        &bad,
+        br#"{"libvirt":{"uri":"test:///default"},"pool":{"name":"p"},"network":{"name":"n"}}"#,
+    )
+    .unwrap();
+    assert!(error_of(Some(&bad), &request)
+        .1
+        .contains("missing field `agent`"));
+}
+
+#[test]
+fn context_overrides_config_like_a_cpi_config() {
+    let cfg = static_config();
+    let request = serde_json::to_vec(&json!({
+        "method": "info", "arguments": [],
+        "context": {"director_uuid": "d", "request_id": "cpi-000001", "stemcell_formats": ["openstack-raw"]}
+    }))
+    .unwrap();
+    let r = run_cpi_raw(Some(&cfg), &request);
+    assert_eq!(
+        r.response["result"]["stemcell_formats"],
+        json!(["openstack-raw"])
+    );
+}
+
+#[test]
+fn stderr_lines_carry_the_request_id_and_stdout_holds_only_the_response() {
+    let cfg = static_config();
+    let r = run_cpi_raw(Some(&cfg), &director_request("has_vm", json!([7])));
+    assert!(
+        r.stderr.lines().any(|l| l.contains("[cpi-123456]")),
+        "stderr: {}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stdout.iter().filter(|b| **b == b'\n').count(),
+        0,
+        "one document, no extra lines"
+    );
+}

@@ -28,6 +28,10 @@ pub struct Config {
     pub console_log_dir: String,
     #[serde(default)]
     pub log_level: LogLevel,
+    /// How long `reboot_vm` waits for the guest to react to the ACPI reboot
+    /// request before it resets the VM the hard way.
+    #[serde(default = "default_reboot_grace_seconds")]
+    pub reboot_grace_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +116,10 @@ fn default_stemcell_formats() -> Vec<String> {
 
 fn default_console_log_dir() -> String {
     "/var/log/libvirt/qemu".to_string()
+}
+
+fn default_reboot_grace_seconds() -> u64 {
+    60
 }
 
 fn default_machine() -> String {
@@ -214,6 +222,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "stemcell_formats",
     "console_log_dir",
     "log_level",
+    "reboot_grace_seconds",
 ];
 
 /// Objects merge key by key; anything else replaces.

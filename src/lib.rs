@@ -5,13 +5,17 @@
 
 pub mod cid;
 pub mod config;
+pub mod configdrive;
 pub mod envelope;
 pub mod error;
 pub mod handlers;
+pub mod iso9660;
 pub mod libvirt;
 pub mod log;
 pub mod method;
 pub mod net;
+pub mod settings;
+pub mod vm_spec;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;

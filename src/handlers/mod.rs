@@ -46,13 +46,34 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
     match method {
         Method::Info => info::info(call.config),
         Method::HasVm { vm_cid } => vm::has_vm(call, &vm_cid),
+        Method::CreateVm {
+            agent_id,
+            stemcell_cid,
+            cloud_properties,
+            networks,
+            disk_cids,
+            env,
+        } => vm::create_vm(
+            call,
+            vm::CreateVm {
+                agent_id: &agent_id,
+                stemcell_cid: &stemcell_cid,
+                cloud_properties: &cloud_properties,
+                networks: &networks,
+                disk_cids: &disk_cids,
+                env: &env,
+            },
+        ),
+        Method::DeleteVm { vm_cid } => vm::delete_vm(call, &vm_cid),
+        Method::RebootVm { vm_cid } => vm::reboot_vm(call, &vm_cid),
+        Method::SetVmMetadata { vm_cid, metadata } => vm::set_vm_metadata(call, &vm_cid, &metadata),
+        Method::CalculateVmCloudProperties {
+            cpu,
+            ram_mib,
+            ephemeral_disk_mib,
+        } => vm::calculate_vm_cloud_properties(cpu, ram_mib, ephemeral_disk_mib),
         Method::CreateStemcell { .. }
         | Method::DeleteStemcell { .. }
-        | Method::CreateVm { .. }
-        | Method::DeleteVm { .. }
-        | Method::RebootVm { .. }
-        | Method::SetVmMetadata { .. }
-        | Method::CalculateVmCloudProperties { .. }
         | Method::CreateDisk { .. }
         | Method::DeleteDisk { .. }
         | Method::HasDisk { .. }

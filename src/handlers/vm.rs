@@ -1,16 +1,839 @@
-//! VM methods.
+//! VM methods: create_vm, delete_vm, has_vm, reboot_vm, set_vm_metadata,
+//! calculate_vm_cloud_properties.
+//!
+//! create_vm validates everything it can before it makes anything, then makes
+//! objects in the order DHCP reservations, root overlay, ephemeral disk,
+//! config drive, domain, and records each in a journal; any failure undoes
+//! the journal before `VMCreationFailed` goes back (`ok_to_retry` only when
+//! the undo was complete and the failure looks transient).
+//!
+//! delete_vm removes only what belongs to the VM: the domain, volumes named
+//! `<vm_cid>-*` (never a persistent disk, attached or not, never a stemcell)
+//! and its DHCP host entries. It reports success only when it saw them gone.
 
-use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use virt::domain::Domain;
+use virt::network::Network;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
 
 use super::Call;
-use crate::error::Result;
+use crate::cid;
+use crate::config::Config;
+use crate::configdrive;
+use crate::error::{CpiError, ErrorKind, Result};
+use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
+use crate::libvirt::network::{random_mac, DhcpHost, NetworkInfo};
+use crate::libvirt::volume::VolumeFacts;
+use crate::libvirt::Libvirt;
+use crate::log::Logger;
+use crate::method::Object;
+use crate::settings::{self, SettingsInput};
+use crate::vm_spec::{self, NetKind, NetworkRequest, VmProperties};
+
+const MIB: u64 = 1 << 20;
+
+/// The connection, the logger and the config at once (they live in `Call`).
+fn parts<'c>(call: &'c mut Call) -> Result<(&'c Libvirt, &'c mut Logger, &'c Config)> {
+    call.libvirt()?;
+    let Call {
+        config,
+        log,
+        libvirt,
+        ..
+    } = call;
+    let lv = libvirt
+        .as_ref()
+        .ok_or_else(|| CpiError::cloud("libvirt connection missing after opening it"))?;
+    Ok((lv, &mut **log, *config))
+}
+
+fn creation_failed(message: impl Into<String>) -> CpiError {
+    CpiError::new(ErrorKind::VmCreationFailed, message)
+}
 
 /// True while a domain of that name is defined (running or not); a CID that is
 /// not ours is simply absent. Errors only for infrastructure failures.
 pub fn has_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
-    if !crate::cid::is_vm_cid(vm_cid) {
+    if !cid::is_vm_cid(vm_cid) {
         return Ok(Value::Bool(false));
     }
     let found = call.libvirt()?.find_domain(vm_cid)?.is_some();
     Ok(Value::Bool(found))
+}
+
+pub fn calculate_vm_cloud_properties(cpu: u64, ram_mib: u64, ephemeral_mib: u64) -> Result<Value> {
+    vm_spec::cloud_properties_for(cpu, ram_mib, ephemeral_mib).map_err(CpiError::cloud)
+}
+
+// ---------------------------------------------------------------------------
+// create_vm
+// ---------------------------------------------------------------------------
+
+pub struct CreateVm<'a> {
+    pub agent_id: &'a str,
+    pub stemcell_cid: &'a str,
+    pub cloud_properties: &'a Object,
+    pub networks: &'a Object,
+    pub disk_cids: &'a [String],
+    pub env: &'a Value,
+}
+
+/// One NIC (or vip network) as planned before anything is made.
+struct NicPlan {
+    request: NetworkRequest,
+    /// libvirt network name (None for vip).
+    libvirt_network: Option<String>,
+    mac: Option<String>,
+    /// The DHCP entry to add for a manual IPv4 address.
+    dhcp: Option<DhcpHost>,
+}
+
+/// Something create_vm made, to undo on failure.
+enum Made {
+    Dhcp {
+        network: Network,
+        network_name: String,
+        host: DhcpHost,
+    },
+    Volume(String),
+    Domain(Domain),
+}
+
+pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
+    let v1 = call.request.wants_v1_shapes();
+    let stemcell_api = call
+        .request
+        .context
+        .get("vm")
+        .and_then(|v| v.pointer("/stemcell/api_version"))
+        .and_then(Value::as_u64);
+
+    // Validation that needs no libvirt.
+    let props = VmProperties::parse(args.cloud_properties).map_err(creation_failed)?;
+    let requests = vm_spec::parse_networks(args.networks).map_err(creation_failed)?;
+    if let Some(v) = stemcell_api {
+        if v < 2 {
+            return Err(creation_failed(format!(
+                "stemcell api_version {v}: this CPI has no registry and needs stemcells with api_version >= 2"
+            )));
+        }
+    }
+    if !cid::is_stemcell_cid(args.stemcell_cid) {
+        return Err(creation_failed(format!(
+            "stemcell '{}' not found (not a stemcell CID of this CPI)",
+            args.stemcell_cid
+        )));
+    }
+
+    let (lv, log, config) = parts(call)?;
+    for key in &props.ignored {
+        log.info(format!("ignoring unknown cloud_properties key '{key}'"));
+    }
+    if !args.disk_cids.is_empty() {
+        log.debug(format!(
+            "disk_cids {:?} are a placement hint only; attach_disk follows",
+            args.disk_cids
+        ));
+    }
+
+    // Validation against what libvirt holds.
+    let pool = lv.pool(&config.pool)?;
+    let stemcell = find_stemcell(lv, &pool, args.stemcell_cid)?
+        .ok_or_else(|| creation_failed(format!("stemcell '{}' not found", args.stemcell_cid)))?;
+    let stemcell_facts = lv.volume_facts(&stemcell, args.stemcell_cid)?;
+    if !matches!(stemcell_facts.format.as_str(), "qcow2" | "raw") {
+        return Err(creation_failed(format!(
+            "stemcell '{}' has format '{}'; only qcow2 and raw can back a root disk",
+            args.stemcell_cid, stemcell_facts.format
+        )));
+    }
+    let root_bytes = match props.root_disk_mib {
+        None => stemcell_facts.capacity,
+        Some(mib) if mib * MIB >= stemcell_facts.capacity => mib * MIB,
+        Some(mib) => {
+            return Err(creation_failed(format!(
+                "root_disk_size {mib} MiB is smaller than the stemcell's {} MiB",
+                stemcell_facts.capacity.div_ceil(MIB)
+            )))
+        }
+    };
+    let ephemeral_bytes = props
+        .ephemeral_disk_mib
+        .checked_mul(MIB)
+        .ok_or_else(|| creation_failed("ephemeral_disk size overflows"))?;
+
+    let vm_cid = cid::new_vm_cid();
+    let networks = resolve_networks(lv, config, &requests)?;
+    let mut nics = plan_nics(lv, config, &vm_cid, requests, &networks, log)?;
+
+    let mut journal: Vec<Made> = Vec::new();
+    let made = make_vm(
+        lv,
+        log,
+        config,
+        &args,
+        &props,
+        MakeInputs {
+            vm_cid: &vm_cid,
+            pool: &pool,
+            stemcell: &stemcell_facts,
+            root_bytes,
+            ephemeral_bytes,
+            networks: &networks,
+        },
+        &mut nics,
+        &mut journal,
+    );
+    match made {
+        Ok(()) => {
+            let mut out = args.networks.clone();
+            for nic in &nics {
+                if let (Some(mac), Some(Value::Object(n))) =
+                    (&nic.mac, out.get_mut(&nic.request.name))
+                {
+                    n.insert("mac".into(), json!(mac));
+                }
+            }
+            let nic_text: Vec<String> = nics
+                .iter()
+                .filter_map(|n| {
+                    n.mac.as_ref().map(|m| {
+                        format!(
+                            "{}={}{}",
+                            n.request.name,
+                            m,
+                            n.request
+                                .ip
+                                .as_ref()
+                                .map(|ip| format!(" ({ip})"))
+                                .unwrap_or_default()
+                        )
+                    })
+                })
+                .collect();
+            log.summary(format!(
+                "created {vm_cid} from {} ({} CPU, {} MiB, root {} MiB{}, NICs: {})",
+                args.stemcell_cid,
+                props.cpu,
+                props.memory_mib,
+                root_bytes / MIB,
+                if ephemeral_bytes > 0 {
+                    format!(", ephemeral {} MiB", props.ephemeral_disk_mib)
+                } else {
+                    String::new()
+                },
+                if nic_text.is_empty() {
+                    "none".to_string()
+                } else {
+                    nic_text.join(", ")
+                }
+            ));
+            if v1 {
+                Ok(json!(vm_cid))
+            } else {
+                Ok(json!([vm_cid, Value::Object(out)]))
+            }
+        }
+        Err(e) => {
+            log.warn(format!(
+                "creating {vm_cid} failed: {}; removing what was made",
+                e.message
+            ));
+            let problems = undo(lv, &pool, journal, log);
+            let ok_to_retry = problems.is_empty() && e.ok_to_retry;
+            let mut message = format!("creating {vm_cid}: {}", e.message);
+            if !problems.is_empty() {
+                message.push_str(&format!(
+                    "; cleanup left things behind: {}",
+                    problems.join("; ")
+                ));
+            }
+            Err(creation_failed(message).retryable(ok_to_retry))
+        }
+    }
+}
+
+// TODO(merge): use Libvirt::find_stemcell
+/// A stemcell is usable iff its image volume and its `.meta` completion
+/// marker both exist (naming.md).
+fn find_stemcell(
+    lv: &Libvirt,
+    pool: &StoragePool,
+    stemcell_cid: &str,
+) -> Result<Option<StorageVol>> {
+    let Some(vol) = lv.find_volume(pool, stemcell_cid)? else {
+        return Ok(None);
+    };
+    if lv
+        .find_volume(pool, &format!("{stemcell_cid}.meta"))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(vol))
+}
+
+/// Each libvirt network the NICs use, active, with its IPv4 facts.
+fn resolve_networks(
+    lv: &Libvirt,
+    config: &Config,
+    requests: &[NetworkRequest],
+) -> Result<BTreeMap<String, (Network, NetworkInfo)>> {
+    let mut out = BTreeMap::new();
+    for r in requests.iter().filter(|r| r.has_nic()) {
+        let name = libvirt_network_of(r, config);
+        if out.contains_key(&name) {
+            continue;
+        }
+        let net = if name == config.network.name {
+            lv.ensure_config_network(&config.network)
+                .map_err(|e| creation_failed(e.message).retryable(e.ok_to_retry))?
+        } else {
+            lv.existing_network(&name)
+                .map_err(|e| creation_failed(e.message))?
+                .ok_or_else(|| {
+                    creation_failed(format!(
+                        "libvirt network '{name}' (networks.{}.cloud_properties.network_name) does not exist",
+                        r.name
+                    ))
+                })?
+        };
+        let info = lv.network_info(&net, &name)?;
+        out.insert(name, (net, info));
+    }
+    Ok(out)
+}
+
+/// Chooses MACs and checks manual IPs against the libvirt networks.
+fn plan_nics(
+    lv: &Libvirt,
+    config: &Config,
+    vm_cid: &str,
+    requests: Vec<NetworkRequest>,
+    networks: &BTreeMap<String, (Network, NetworkInfo)>,
+    log: &mut Logger,
+) -> Result<Vec<NicPlan>> {
+    let mut used: HashSet<String> = lv.all_domain_macs()?.into_iter().collect();
+    for (_, info) in networks.values() {
+        used.extend(info.hosts.iter().filter_map(|h| h.mac.clone()));
+    }
+    let mut taken_ips: HashSet<(String, Ipv4Addr)> = HashSet::new();
+    let mut dhcp_names_per_net: BTreeMap<String, usize> = BTreeMap::new();
+    let mut plans = Vec::new();
+    for r in requests {
+        if !r.has_nic() {
+            plans.push(NicPlan {
+                request: r,
+                libvirt_network: None,
+                mac: None,
+                dhcp: None,
+            });
+            continue;
+        }
+        let mut mac = random_mac();
+        while used.contains(&mac) {
+            mac = random_mac();
+        }
+        used.insert(mac.clone());
+        let net_name = libvirt_network_of(&r, config);
+        let (_, info) = &networks[&net_name];
+        let mut dhcp = None;
+        if let (NetKind::Manual, Some(ip_text)) = (r.kind, &r.ip) {
+            let ip: IpAddr = ip_text.parse().map_err(|_| {
+                creation_failed(format!(
+                    "networks.{}.ip '{ip_text}' is not an IP address",
+                    r.name
+                ))
+            })?;
+            match (ip, info.subnet) {
+                (IpAddr::V4(ip), Some(subnet)) => {
+                    if !subnet.contains(ip)
+                        || ip == subnet.network
+                        || ip == subnet.broadcast()
+                        || Some(ip) == info.host_ip
+                    {
+                        return Err(creation_failed(format!(
+                            "networks.{}.ip {ip} is not a usable address of libvirt network '{net_name}' ({subnet}, host {})",
+                            r.name,
+                            info.host_ip.map(|h| h.to_string()).unwrap_or_default()
+                        )));
+                    }
+                    if !taken_ips.insert((net_name.clone(), ip)) {
+                        return Err(creation_failed(format!(
+                            "IP {ip} is asked for twice on libvirt network '{net_name}'"
+                        )));
+                    }
+                    if let Some(h) = info
+                        .hosts
+                        .iter()
+                        .find(|h| h.ip.as_deref() == Some(ip_text.as_str()))
+                    {
+                        return Err(creation_failed(format!(
+                            "IP {ip} is already reserved in libvirt network '{net_name}' for MAC {} ({})",
+                            h.mac.as_deref().unwrap_or("?"),
+                            h.name.as_deref().unwrap_or("no name")
+                        )));
+                    }
+                    if info.in_dhcp_range(ip) {
+                        log.warn(format!(
+                            "networks.{}.ip {ip} lies in the DHCP range of libvirt network '{net_name}'; dynamic VMs may be handed the same address",
+                            r.name
+                        ));
+                    }
+                    if info.dhcp {
+                        let n = dhcp_names_per_net.entry(net_name.clone()).or_insert(0);
+                        let name = if *n == 0 {
+                            vm_cid.to_string()
+                        } else {
+                            format!("{vm_cid}-{n}")
+                        };
+                        *n += 1;
+                        dhcp = Some(DhcpHost {
+                            mac: Some(mac.clone()),
+                            name: Some(name),
+                            ip: Some(ip.to_string()),
+                        });
+                    } else {
+                        log.info(format!(
+                            "libvirt network '{net_name}' has no DHCP: {ip} is configured by the agent only"
+                        ));
+                    }
+                }
+                (ip, _) => log.info(format!(
+                    "networks.{}.ip {ip}: no IPv4 subnet on libvirt network '{net_name}' to reserve it in; the agent configures it",
+                    r.name
+                )),
+            }
+        }
+        plans.push(NicPlan {
+            request: r,
+            libvirt_network: Some(net_name),
+            mac: Some(mac),
+            dhcp,
+        });
+    }
+    Ok(plans)
+}
+
+/// The libvirt network a NIC goes on: the network's cloud_properties, else the config's.
+fn libvirt_network_of(r: &NetworkRequest, config: &Config) -> String {
+    r.libvirt_network
+        .clone()
+        .unwrap_or_else(|| config.network.name.clone())
+}
+
+struct MakeInputs<'a> {
+    vm_cid: &'a str,
+    pool: &'a StoragePool,
+    stemcell: &'a VolumeFacts,
+    root_bytes: u64,
+    ephemeral_bytes: u64,
+    networks: &'a BTreeMap<String, (Network, NetworkInfo)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_vm(
+    lv: &Libvirt,
+    log: &mut Logger,
+    config: &Config,
+    args: &CreateVm,
+    props: &VmProperties,
+    m: MakeInputs,
+    nics: &mut [NicPlan],
+    journal: &mut Vec<Made>,
+) -> Result<()> {
+    let vm_cid = m.vm_cid;
+
+    // 1. DHCP reservations: libvirt refuses a second entry with the same MAC,
+    // name or IP, which makes them the atomic IP allocation.
+    for nic in nics.iter_mut() {
+        let (Some(host), Some(net_name)) = (nic.dhcp.clone(), nic.libvirt_network.clone()) else {
+            continue;
+        };
+        let (network, _) = &m.networks[&net_name];
+        let mut host = host;
+        let mut attempt = 0;
+        loop {
+            match lv.add_dhcp_host(network, &net_name, &host) {
+                Ok(()) => break,
+                Err(e) => {
+                    // Find out which field clashed: a taken IP is final, a taken MAC is luck.
+                    let info = lv.network_info(network, &net_name)?;
+                    if let Some(h) = info.hosts.iter().find(|h| h.ip == host.ip) {
+                        return Err(CpiError::cloud(format!(
+                            "IP {} is already reserved in libvirt network '{net_name}' for MAC {} ({})",
+                            host.ip.as_deref().unwrap_or("?"),
+                            h.mac.as_deref().unwrap_or("?"),
+                            h.name.as_deref().unwrap_or("no name")
+                        )));
+                    }
+                    attempt += 1;
+                    if attempt > 3 || !info.hosts.iter().any(|h| h.mac == host.mac) {
+                        return Err(e);
+                    }
+                    let mac = random_mac();
+                    log.info(format!(
+                        "MAC {} is taken on {net_name}; trying {mac}",
+                        host.mac.as_deref().unwrap_or("?")
+                    ));
+                    host.mac = Some(mac.clone());
+                    nic.mac = Some(mac);
+                }
+            }
+        }
+        log.debug(format!("reserved {} on {net_name}", host.to_xml()));
+        nic.dhcp = Some(host.clone());
+        journal.push(Made::Dhcp {
+            network: network.clone(),
+            network_name: net_name,
+            host,
+        });
+    }
+
+    // 2. Root disk: a thin overlay on the stemcell.
+    let root_name = format!("{vm_cid}-root");
+    let root = lv.create_overlay(m.pool, &root_name, m.stemcell, m.root_bytes)?;
+    journal.push(Made::Volume(root_name.clone()));
+    let root_path = vol_path(&root, &root_name)?;
+
+    // 3. Ephemeral disk, sparse.
+    let ephemeral_path = if m.ephemeral_bytes > 0 {
+        let name = format!("{vm_cid}-ephemeral");
+        let vol = lv.create_raw_volume(m.pool, &name, m.ephemeral_bytes)?;
+        journal.push(Made::Volume(name.clone()));
+        Some(vol_path(&vol, &name)?)
+    } else {
+        None
+    };
+
+    // 4. Config drive with the agent settings (networks now carry their MACs).
+    let mut settings_networks: Map<String, Value> = args.networks.clone();
+    for nic in nics.iter() {
+        if let (Some(mac), Some(Value::Object(n))) =
+            (&nic.mac, settings_networks.get_mut(&nic.request.name))
+        {
+            n.insert("mac".into(), json!(mac));
+        }
+    }
+    let agent_settings = settings::agent_settings(&SettingsInput {
+        agent_id: args.agent_id,
+        vm_cid,
+        agent: &config.agent,
+        networks: &settings_networks,
+        has_ephemeral_disk: ephemeral_path.is_some(),
+        env: args.env,
+    });
+    let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
+    let iso_name = format!("{vm_cid}-config.iso");
+    let iso_vol = lv.create_raw_volume(m.pool, &iso_name, iso.len() as u64)?;
+    journal.push(Made::Volume(iso_name.clone()));
+    lv.upload_volume(&iso_vol, &iso_name, &iso)?;
+    let iso_path = vol_path(&iso_vol, &iso_name)?;
+
+    // 5. The domain, defined persistent, then started (not waiting for the guest).
+    let spec = DomainSpec {
+        name: vm_cid.to_string(),
+        uuid: vm_cid.trim_start_matches("vm-").to_string(),
+        domain_type: props
+            .domain_type
+            .clone()
+            .unwrap_or_else(|| config.libvirt.domain_type.as_str().to_string()),
+        machine: props
+            .machine
+            .clone()
+            .unwrap_or_else(|| config.libvirt.machine.clone()),
+        memory_mib: props.memory_mib,
+        cpus: props.cpu,
+        root_disk: root_path,
+        ephemeral_disk: ephemeral_path,
+        config_drive: iso_path,
+        nics: nics
+            .iter()
+            .filter_map(|n| Some((n.mac.clone()?, n.libvirt_network.clone()?)))
+            .collect(),
+        console_log: format!(
+            "{}/{vm_cid}.console.log",
+            config.console_log_dir.trim_end_matches('/')
+        ),
+        metadata: VmMetadata {
+            agent_id: args.agent_id.to_string(),
+            stemcell: args.stemcell_cid.to_string(),
+            created_at: crate::log::timestamp(),
+            networks: nics
+                .iter()
+                .map(|n| NicRecord {
+                    network: n.request.name.clone(),
+                    kind: n.request.kind.as_str().to_string(),
+                    libvirt_network: n.libvirt_network.clone(),
+                    mac: n.mac.clone(),
+                    ip: n.request.ip.clone(),
+                    dhcp_host: n.dhcp.as_ref().and_then(|h| h.name.clone()),
+                })
+                .collect(),
+            tags: Vec::new(),
+        },
+    };
+    let dom = lv.define_domain(&spec)?;
+    journal.push(Made::Domain(dom.clone()));
+    lv.start_domain(&dom, vm_cid)?;
+    Ok(())
+}
+
+fn vol_path(vol: &StorageVol, name: &str) -> Result<String> {
+    vol.path().map_err(|e| {
+        CpiError::cloud(format!(
+            "reading the path of volume {name}: {}",
+            e.message()
+        ))
+    })
+}
+
+/// Undoes a failed create_vm, newest first. Returns what could not be undone.
+fn undo(lv: &Libvirt, pool: &StoragePool, journal: Vec<Made>, log: &mut Logger) -> Vec<String> {
+    let mut problems = Vec::new();
+    for made in journal.into_iter().rev() {
+        let r = match &made {
+            Made::Domain(dom) => {
+                let name = dom.name().unwrap_or_default();
+                lv.destroy_domain(dom, &name)
+                    .and_then(|()| lv.undefine_domain(dom, &name))
+                    .map(|()| format!("removed domain {name}"))
+            }
+            Made::Volume(name) => lv
+                .delete_volume_named(pool, name)
+                .map(|_| format!("deleted volume {name}")),
+            Made::Dhcp {
+                network,
+                network_name,
+                host,
+            } => lv
+                .remove_dhcp_host(network, network_name, host)
+                .map(|_| format!("removed DHCP host {} from {network_name}", host.to_xml())),
+        };
+        match r {
+            Ok(done) => log.info(done),
+            Err(e) => {
+                log.error(format!("cleanup: {}", e.message));
+                problems.push(e.message);
+            }
+        }
+    }
+    problems
+}
+
+// ---------------------------------------------------------------------------
+// delete_vm
+// ---------------------------------------------------------------------------
+
+pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
+    if !cid::is_vm_cid(vm_cid) {
+        // Nothing of ours can carry this name; sweeping by it could hit others' objects.
+        call.log.summary(format!(
+            "{vm_cid} is not a VM CID of this CPI: nothing to delete"
+        ));
+        return Ok(Value::Null);
+    }
+    let (lv, log, config) = parts(call)?;
+    let pool = lv.pool(&config.pool)?;
+    let prefix = format!("{vm_cid}-");
+
+    // (libvirt network, DHCP host pattern) to remove.
+    let mut dhcp: Vec<(String, DhcpHost)> = Vec::new();
+    let existed = match lv.find_domain(vm_cid)? {
+        Some(dom) => {
+            let facts = lv.domain_facts(&dom, vm_cid)?;
+            if let Some(md) = &facts.metadata {
+                for nic in &md.networks {
+                    if let (Some(net), Some(name)) = (&nic.libvirt_network, &nic.dhcp_host) {
+                        dhcp.push((
+                            net.clone(),
+                            DhcpHost {
+                                mac: nic.mac.clone(),
+                                name: Some(name.clone()),
+                                ip: nic.ip.clone(),
+                            },
+                        ));
+                    }
+                }
+            }
+            for (mac, net) in &facts.interfaces {
+                dhcp.push((
+                    net.clone(),
+                    DhcpHost {
+                        mac: Some(mac.clone()),
+                        name: None,
+                        ip: None,
+                    },
+                ));
+            }
+            lv.destroy_domain(&dom, vm_cid)?;
+            lv.undefine_domain(&dom, vm_cid)?;
+            log.info(format!("destroyed and undefined domain {vm_cid}"));
+            true
+        }
+        None => false,
+    };
+
+    let mut problems = Vec::new();
+    // Volumes of this VM only: root overlay, ephemeral disk, config drive.
+    for name in lv.volume_names_with_prefix(&pool, &prefix)? {
+        match lv.delete_volume_named(&pool, &name) {
+            Ok(true) => log.info(format!("deleted volume {name}")),
+            Ok(false) => {}
+            Err(e) => problems.push(e.message),
+        }
+    }
+    // DHCP entries: those recorded, those for its MACs, and any named after it.
+    for net_name in lv.network_names()? {
+        let Some(net) = lv.find_network(&net_name)? else {
+            continue;
+        };
+        let info = lv.network_info(&net, &net_name)?;
+        for host in &info.hosts {
+            let named = host
+                .name
+                .as_deref()
+                .is_some_and(|n| n == vm_cid || n.starts_with(&prefix));
+            let listed = dhcp.iter().any(|(n, pattern)| {
+                n == &net_name && crate::libvirt::network::matches_host(host, pattern)
+            });
+            if !(named || listed) {
+                continue;
+            }
+            match lv.remove_dhcp_host(&net, &net_name, host) {
+                Ok(_) => log.info(format!(
+                    "removed DHCP host {} from {net_name}",
+                    host.to_xml()
+                )),
+                Err(e) => problems.push(e.message),
+            }
+        }
+    }
+
+    // Only report success for what is verifiably gone.
+    if lv.find_domain(vm_cid)?.is_some() {
+        problems.push(format!("domain {vm_cid} still exists"));
+    }
+    let left = lv.volume_names_with_prefix(&pool, &prefix)?;
+    if !left.is_empty() {
+        problems.push(format!("volumes still there: {}", left.join(", ")));
+    }
+    if !problems.is_empty() {
+        return Err(CpiError::cloud(format!(
+            "deleting {vm_cid}: {}",
+            problems.join("; ")
+        )));
+    }
+    log.summary(if existed {
+        format!("deleted {vm_cid}")
+    } else {
+        format!("{vm_cid} was already gone; leftovers swept")
+    });
+    Ok(Value::Null)
+}
+
+// ---------------------------------------------------------------------------
+// reboot_vm, set_vm_metadata
+// ---------------------------------------------------------------------------
+
+pub fn reboot_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
+    if !cid::is_vm_cid(vm_cid) {
+        return Err(CpiError::vm_not_found(vm_cid));
+    }
+    let (lv, log, config) = parts(call)?;
+    let dom = lv
+        .find_domain(vm_cid)?
+        .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
+    let grace = Duration::from_secs(config.reboot_grace_seconds);
+    let outcome = lv.reboot_domain(&dom, vm_cid, grace)?;
+    log.summary(match outcome {
+        RebootOutcome::Graceful => format!("{vm_cid} rebooted"),
+        RebootOutcome::HardReset => format!(
+            "{vm_cid} did not reboot within {}s of the ACPI request: reset",
+            grace.as_secs()
+        ),
+        RebootOutcome::Started => format!("{vm_cid} was shut off: started"),
+    });
+    Ok(Value::Null)
+}
+
+pub fn set_vm_metadata(call: &mut Call, vm_cid: &str, metadata: &Object) -> Result<Value> {
+    if !cid::is_vm_cid(vm_cid) {
+        return Err(CpiError::vm_not_found(vm_cid));
+    }
+    let (lv, log, _) = parts(call)?;
+    let dom = lv
+        .find_domain(vm_cid)?
+        .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
+    let mut md = lv.domain_facts(&dom, vm_cid)?.metadata.unwrap_or_default();
+    md.tags = metadata
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect();
+    lv.set_vm_metadata(&dom, vm_cid, &md)?;
+    let title = title_for(metadata);
+    if let Some(title) = &title {
+        lv.set_title(&dom, vm_cid, title)?;
+    }
+    log.summary(format!(
+        "metadata of {vm_cid} set ({} keys{})",
+        md.tags.len(),
+        title.map(|t| format!(", title '{t}'")).unwrap_or_default()
+    ));
+    Ok(Value::Null)
+}
+
+/// `name`, else `job/index`, as a one-line title.
+fn title_for(metadata: &Object) -> Option<String> {
+    let s = |k: &str| match metadata.get(k) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let title = s("name").or_else(|| match (s("job"), s("index")) {
+        (Some(j), Some(i)) => Some(format!("{j}/{i}")),
+        (Some(j), None) => Some(j),
+        _ => None,
+    })?;
+    Some(
+        title
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(200)
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles() {
+        let m = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(
+            title_for(&m(json!({"name": "redis/ce7d", "job": "redis"}))).as_deref(),
+            Some("redis/ce7d")
+        );
+        assert_eq!(
+            title_for(&m(json!({"job": "redis", "index": "0"}))).as_deref(),
+            Some("redis/0")
+        );
+        assert_eq!(
+            title_for(&m(json!({"name": "a\nb"}))).as_deref(),
+            Some("a b")
+        );
+        assert_eq!(title_for(&m(json!({"director": "d"}))), None);
+    }
 }

@@ -6,7 +6,10 @@
 //! handlers decide which BOSH type it becomes.
 
 pub mod domain;
+pub mod network;
 pub mod pool;
+pub mod volume;
+pub mod xmltree;
 
 pub use pool::xml_escape;
 

@@ -72,33 +72,35 @@ pub struct VmMetadata {
 }
 
 impl VmMetadata {
-    /// The element as `virDomainSetMetadata` takes it: no prefix (libvirt puts
-    /// the root into the namespace), children unqualified.
+    /// The element as `virDomainSetMetadata` takes it: no prefixes (libvirt
+    /// puts the element and its children into the namespace).
     pub fn inner_xml(&self) -> String {
-        self.render("vm", "")
+        self.render("", "")
     }
 
-    /// The element as it appears inside a domain's `<metadata>`.
+    /// The element as it appears inside a domain's `<metadata>`, the way
+    /// libvirt itself writes it after a `virDomainSetMetadata`.
     pub fn domain_xml(&self) -> String {
         self.render(
-            &format!("{METADATA_PREFIX}:vm"),
+            &format!("{METADATA_PREFIX}:"),
             &format!(" xmlns:{METADATA_PREFIX}='{METADATA_NS}'"),
         )
     }
 
-    fn render(&self, root: &str, ns_decl: &str) -> String {
-        let mut x = format!("<{root}{ns_decl}>");
+    fn render(&self, p: &str, ns_decl: &str) -> String {
+        let e = xml_escape;
+        let mut x = format!("<{p}vm{ns_decl}>");
         x.push_str(&format!(
-            "<agent_id>{}</agent_id><stemcell>{}</stemcell><created_at>{}</created_at><networks>",
-            xml_escape(&self.agent_id),
-            xml_escape(&self.stemcell),
-            xml_escape(&self.created_at)
+            "<{p}agent_id>{}</{p}agent_id><{p}stemcell>{}</{p}stemcell><{p}created_at>{}</{p}created_at><{p}networks>",
+            e(&self.agent_id),
+            e(&self.stemcell),
+            e(&self.created_at)
         ));
         for n in &self.networks {
             x.push_str(&format!(
-                "<network name='{}' type='{}'",
-                xml_escape(&n.network),
-                xml_escape(&n.kind)
+                "<{p}network name='{}' type='{}'",
+                e(&n.network),
+                e(&n.kind)
             ));
             for (k, v) in [
                 ("libvirt_network", &n.libvirt_network),
@@ -107,20 +109,16 @@ impl VmMetadata {
                 ("dhcp_host", &n.dhcp_host),
             ] {
                 if let Some(v) = v {
-                    x.push_str(&format!(" {k}='{}'", xml_escape(v)));
+                    x.push_str(&format!(" {k}='{}'", e(v)));
                 }
             }
             x.push_str("/>");
         }
-        x.push_str("</networks><bosh_metadata>");
+        x.push_str(&format!("</{p}networks><{p}bosh_metadata>"));
         for (k, v) in &self.tags {
-            x.push_str(&format!(
-                "<tag name='{}'>{}</tag>",
-                xml_escape(k),
-                xml_escape(v)
-            ));
+            x.push_str(&format!("<{p}tag name='{}'>{}</{p}tag>", e(k), e(v)));
         }
-        x.push_str(&format!("</bosh_metadata></{root}>"));
+        x.push_str(&format!("</{p}bosh_metadata></{p}vm>"));
         x
     }
 

@@ -1,0 +1,761 @@
+//! VM methods through the built binary against the TLS test bed: create_vm
+//! really boots the test stemcell with the agent settings on its config drive,
+//! NICs with the MACs the settings name and DHCP reservations; delete_vm leaves
+//! nothing of the VM but never a persistent disk; failures part-way leave
+//! nothing behind; many concurrent creates and deletes stay consistent.
+//!
+//! Guest boots (TCG, slow) happen in one test only.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+// TODO(merge): import through create_stemcell once main has it.
+/// A test stemcell imported with virsh the way the naming convention says
+/// (`sc-<uuid>` image + `sc-<uuid>.meta` marker); deleted on drop.
+struct Stemcell {
+    cid: String,
+}
+
+impl Stemcell {
+    fn import(tb: &Testbed) -> Stemcell {
+        let img = tb.stemcell_dir("qcow2").join("root.img");
+        Self::import_file(tb, &img, "qcow2")
+    }
+
+    fn import_file(tb: &Testbed, img: &Path, format: &str) -> Stemcell {
+        let pool = tb.pool_name();
+        let cid = format!("sc-{}", uuid::Uuid::new_v4());
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(img)
+            .output()
+            .unwrap();
+        let size = serde_json::from_slice::<Value>(&info.stdout).unwrap()["virtual-size"]
+            .as_u64()
+            .unwrap();
+        let sc = Stemcell { cid: cid.clone() };
+        tb.virsh_ok(&[
+            "vol-create-as",
+            &pool,
+            &cid,
+            &size.to_string(),
+            "--format",
+            format,
+        ]);
+        tb.virsh_ok(&["vol-upload", &cid, img.to_str().unwrap(), "--pool", &pool]);
+        let meta = scratch_dir("sc-meta").join("meta.json");
+        std::fs::write(
+            &meta,
+            json!({"format": format, "virtual_size": size}).to_string(),
+        )
+        .unwrap();
+        let meta_name = format!("{cid}.meta");
+        tb.virsh_ok(&[
+            "vol-create-as",
+            &pool,
+            &meta_name,
+            "4096",
+            "--format",
+            "raw",
+        ]);
+        tb.virsh_ok(&[
+            "vol-upload",
+            &meta_name,
+            meta.to_str().unwrap(),
+            "--pool",
+            &pool,
+        ]);
+        sc
+    }
+}
+
+impl Drop for Stemcell {
+    fn drop(&mut self) {
+        let tb = testbed();
+        let pool = tb.pool_name();
+        for name in [format!("{}.meta", self.cid), self.cid.clone()] {
+            let _ = tb.virsh(&["vol-delete", &name, "--pool", &pool]);
+        }
+    }
+}
+
+fn net_name(tb: &Testbed) -> String {
+    tb.config_json()["network"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// (mac, name, ip) of every DHCP host entry of a libvirt network.
+fn dhcp_hosts(tb: &Testbed, network: &str) -> Vec<(String, String, String)> {
+    let xml = tb.virsh_ok(&["net-dumpxml", network]);
+    xml.lines()
+        .filter(|l| l.trim_start().starts_with("<host "))
+        .map(|l| {
+            let attr = |k: &str| {
+                l.split(&format!("{k}='"))
+                    .nth(1)
+                    .and_then(|r| r.split('\'').next())
+                    .unwrap_or("")
+                    .to_lowercase()
+            };
+            (attr("mac"), attr("name"), attr("ip"))
+        })
+        .collect()
+}
+
+/// A manual IP in 10.253.77.[lo, hi) not reserved right now.
+fn free_ip(tb: &Testbed, lo: u8, hi: u8, avoid: &HashSet<String>) -> String {
+    let taken: HashSet<String> = dhcp_hosts(tb, &net_name(tb))
+        .into_iter()
+        .map(|h| h.2)
+        .collect();
+    loop {
+        let n = lo + (uuid::Uuid::new_v4().as_bytes()[0] % (hi - lo));
+        let ip = format!("10.253.77.{n}");
+        if !taken.contains(&ip) && !avoid.contains(&ip) {
+            return ip;
+        }
+    }
+}
+
+fn manual(ip: &str) -> Value {
+    json!({"type": "manual", "ip": ip, "netmask": "255.255.255.0", "gateway": "10.253.77.1",
+           "dns": ["10.253.77.1"], "default": ["dns", "gateway"], "cloud_properties": {}})
+}
+
+fn console_path(tb: &Testbed, vm: &str) -> PathBuf {
+    tb.dir.join("consoles").join(format!("{vm}.console.log"))
+}
+
+/// Console lines starting with `CPITEST ` (prefix removed).
+fn console_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.trim_matches(|c| c == '\r' || c == ' ')
+                .strip_prefix("CPITEST ")
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn wait_console(
+    path: &Path,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let lines = console_lines(path);
+        if done(&lines) {
+            return lines;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "waited {timeout:?} for {what} on {}; console so far:\n{}",
+            path.display(),
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Nothing of `vm` left: no domain, no `<vm>-*` volume, no DHCP host named
+/// after it or holding one of `macs`.
+fn assert_no_trace(tb: &Testbed, vm: &str, macs: &[String]) {
+    assert!(
+        !tb.virsh(&["dominfo", vm]).status.success(),
+        "domain {vm} still exists"
+    );
+    let vols: Vec<String> = tb
+        .volumes()
+        .into_iter()
+        .filter(|v| v.starts_with(&format!("{vm}-")))
+        .collect();
+    assert!(vols.is_empty(), "volumes of {vm} left: {vols:?}");
+    let hosts: Vec<_> = dhcp_hosts(tb, &net_name(tb))
+        .into_iter()
+        .filter(|(mac, name, _)| name.starts_with(vm) || macs.contains(mac))
+        .collect();
+    assert!(hosts.is_empty(), "DHCP hosts of {vm} left: {hosts:?}");
+}
+
+fn vm_cid_in(message: &str) -> Option<String> {
+    let at = message.find("vm-")?;
+    let cid: String = message[at..].chars().take(39).collect();
+    (cid.len() == 39).then_some(cid)
+}
+
+/// No domain on the host carries this agent id in its metadata.
+fn assert_no_domain_for_agent(tb: &Testbed, agent_id: &str) {
+    for name in tb.virsh_ok(&["list", "--all", "--name"]).lines() {
+        if name.starts_with("vm-") {
+            let xml = tb.virsh(&["dumpxml", name, "--inactive"]);
+            let xml = String::from_utf8_lossy(&xml.stdout);
+            assert!(
+                !xml.contains(&format!(">{agent_id}<")),
+                "domain {name} was made for {agent_id}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lifecycle_boots_with_settings_and_deletes_everything_but_the_persistent_disk() {
+    let tb = testbed();
+    let config = tb.config_with("vm-lifecycle", json!({"reboot_grace_seconds": 30}));
+    let sc = Stemcell::import(tb);
+    let agent_id = format!("agent-{}", uuid::Uuid::new_v4());
+    let ip = free_ip(tb, 10, 20, &HashSet::new());
+    let env = json!({"bosh": {"password": "$6$secret", "group": "g", "mbus": {"cert": {"ca": "-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n"}}}});
+    let networks = json!({
+        "a-manual": manual(&ip),
+        "b-dynamic": {"type": "dynamic", "dns": ["10.253.77.1"], "cloud_properties": {"network_name": net_name(tb)}},
+        "c-vip": {"type": "vip", "ip": "203.0.113.7"},
+    });
+
+    let result = ok(
+        &config,
+        "create_vm",
+        json!([agent_id, sc.cid, {"cpu": 1, "memory": 256, "ephemeral_disk": {"size": 512},
+               "root_disk_size": 128, "flavor": "ignored"}, networks, [], env]),
+    );
+    let vm = result[0].as_str().unwrap().to_string();
+    assert!(vm.starts_with("vm-") && vm.len() == 39, "{vm}");
+    let returned = &result[1];
+    let mac_a = returned["a-manual"]["mac"].as_str().unwrap().to_string();
+    let mac_b = returned["b-dynamic"]["mac"].as_str().unwrap().to_string();
+    assert_ne!(mac_a, mac_b);
+    assert!(returned["c-vip"].get("mac").is_none(), "vip has no NIC");
+    assert_eq!(ok(&config, "has_vm", json!([vm])), json!(true));
+
+    // What libvirt holds: running domain, two NICs with those MACs, the
+    // reservation, the volumes, thin root on the stemcell, metadata.
+    assert!(tb.virsh_ok(&["domstate", &vm]).contains("running"));
+    let xml = tb.virsh_ok(&["dumpxml", &vm, "--inactive"]);
+    assert!(xml.contains(&format!("<mac address='{mac_a}'/>")), "{xml}");
+    assert!(xml.contains(&format!("<mac address='{mac_b}'/>")), "{xml}");
+    assert_eq!(xml.matches("<interface type='network'>").count(), 2);
+    assert!(
+        xml.contains(&format!("<bosh:agent_id>{agent_id}</bosh:agent_id>")),
+        "{xml}"
+    );
+    assert!(xml.contains(&format!("<bosh:stemcell>{}</bosh:stemcell>", sc.cid)));
+    assert!(
+        !xml.contains("$6$secret"),
+        "env must not reach the domain XML"
+    );
+    assert!(xml.contains("model='pcie-root-port'"));
+    let hosts = dhcp_hosts(tb, &net_name(tb));
+    assert!(
+        hosts.contains(&(mac_a.clone(), vm.clone(), ip.clone())),
+        "{ip} reserved for {mac_a}: {hosts:?}"
+    );
+    assert!(
+        !hosts.iter().any(|h| h.0 == mac_b),
+        "dynamic NICs get no reservation"
+    );
+    let vols = tb.volumes();
+    for suffix in ["root", "ephemeral", "config.iso"] {
+        assert!(
+            vols.contains(&format!("{vm}-{suffix}")),
+            "{suffix}: {vols:?}"
+        );
+    }
+    let root = tb.virsh_ok(&[
+        "vol-dumpxml",
+        &format!("{vm}-root"),
+        "--pool",
+        &tb.pool_name(),
+    ]);
+    assert!(
+        root.contains("<backingStore>") && root.contains(&sc.cid),
+        "{root}"
+    );
+    assert!(
+        root.contains("<capacity unit='bytes'>134217728</capacity>"),
+        "{root}"
+    );
+
+    // set_vm_metadata: into the element and the title.
+    ok(
+        &config,
+        "set_vm_metadata",
+        json!([vm, {"director": "lab", "deployment": "dep", "job": "redis", "index": "0",
+                    "name": "redis/0f1e", "created_at": "2026-01-01T00:00:00Z"}]),
+    );
+    let xml = tb.virsh_ok(&["dumpxml", &vm]);
+    assert!(xml.contains("<title>redis/0f1e</title>"), "{xml}");
+    assert!(
+        xml.contains("<bosh:tag name=\"deployment\">dep</bosh:tag>"),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(&format!("<bosh:agent_id>{agent_id}</bosh:agent_id>")),
+        "kept: {xml}"
+    );
+
+    // The guest: settings from the config drive, its NICs' MACs.
+    let console = console_path(tb, &vm);
+    let lines = wait_console(&console, "CPITEST ready", Duration::from_secs(240), |l| {
+        l.iter().any(|l| l == "ready")
+    });
+    let user_data = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("userdata "))
+        .unwrap_or_else(|| panic!("no userdata line: {lines:?}"));
+    let settings: Value = serde_json::from_str(user_data).unwrap();
+    assert_eq!(settings["agent_id"], json!(agent_id));
+    assert_eq!(settings["vm"]["name"], json!(vm));
+    assert_eq!(settings["env"], env, "env verbatim");
+    assert_eq!(settings["disks"]["system"], "/dev/vda");
+    assert_eq!(settings["disks"]["ephemeral"], json!({"path": "/dev/vdb"}));
+    assert_eq!(settings["disks"]["persistent"], json!({}));
+    assert_eq!(settings["mbus"], tb.config_json()["agent"]["mbus"]);
+    let guest_macs: HashSet<String> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("mac "))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(str::to_lowercase)
+        .collect();
+    for (name, net) in settings["networks"].as_object().unwrap() {
+        match net["type"].as_str().unwrap() {
+            "vip" => assert!(net.get("mac").is_none()),
+            _ => {
+                let mac = net["mac"].as_str().unwrap();
+                assert!(
+                    guest_macs.contains(mac),
+                    "{name}: {mac} not among {guest_macs:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(guest_macs.len(), 2);
+    let meta = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("metadata "))
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(meta).unwrap()["instance-id"],
+        json!(vm)
+    );
+
+    // A persistent disk attached the way attach_disk will (and as create-env
+    // leaves it at delete_vm): hot-plugged into a spare root port.
+    let disk = format!("disk-{}", &uuid::Uuid::new_v4().simple().to_string()[..15]);
+    let pool = tb.pool_name();
+    tb.virsh_ok(&["vol-create-as", &pool, &disk, "16M", "--format", "raw"]);
+    let disk_path = tb
+        .virsh_ok(&["vol-path", &disk, "--pool", &pool])
+        .trim()
+        .to_string();
+    tb.virsh_ok(&[
+        "attach-disk",
+        &vm,
+        &disk_path,
+        "vdc",
+        "--targetbus",
+        "virtio",
+        "--serial",
+        &disk,
+        "--persistent",
+    ]);
+    wait_console(
+        &console,
+        "the hot-plugged disk",
+        Duration::from_secs(60),
+        |l| {
+            l.iter()
+                .any(|l| l.starts_with("disks ") && l.contains(&disk))
+        },
+    );
+
+    // reboot_vm: the guest boots a second time (same console, new boot line).
+    ok(&config, "reboot_vm", json!([vm]));
+    wait_console(&console, "a second boot", Duration::from_secs(240), |l| {
+        l.iter().filter(|l| l.starts_with("boot ")).count() >= 2
+    });
+    assert!(tb.virsh_ok(&["domstate", &vm]).contains("running"));
+
+    // delete_vm: nothing of the VM left, the persistent disk untouched.
+    ok(&config, "delete_vm", json!([vm]));
+    assert_no_trace(tb, &vm, &[mac_a.clone(), mac_b.clone()]);
+    assert!(
+        tb.volumes().contains(&disk),
+        "persistent disk {disk} must survive"
+    );
+    assert_eq!(ok(&config, "has_vm", json!([vm])), json!(false));
+    // Already gone: still success.
+    ok(&config, "delete_vm", json!([vm]));
+    tb.virsh_ok(&["vol-delete", &disk, "--pool", &pool]);
+}
+
+#[test]
+fn failures_before_and_part_way_leave_nothing_behind() {
+    let tb = testbed();
+    let config = &tb.config;
+    let sc = Stemcell::import(tb);
+    let agent_id = format!("agent-fail-{}", uuid::Uuid::new_v4());
+    let ip = free_ip(tb, 60, 80, &HashSet::new());
+    let nets = json!({"default": manual(&ip)});
+    let create = |stemcell: &str, cp: Value, nets: &Value| {
+        err(
+            config,
+            "create_vm",
+            json!([agent_id, stemcell, cp, nets, [], {}]),
+        )
+    };
+    let check_clean = |message: &str| {
+        if let Some(vm) = vm_cid_in(message) {
+            assert_no_trace(tb, &vm, &[]);
+        }
+        assert!(
+            !dhcp_hosts(tb, &net_name(tb)).iter().any(|h| h.2 == ip),
+            "{ip} still reserved after: {message}"
+        );
+    };
+
+    // Missing stemcell.
+    let missing = format!("sc-{}", uuid::Uuid::new_v4());
+    let (t, m) = create(&missing, json!({"memory": 64}), &nets);
+    assert_eq!(t, "VMCreationFailed");
+    assert!(m.contains(&missing) && m.contains("not found"), "{m}");
+    assert_eq!(
+        call(
+            config,
+            "create_vm",
+            json!([agent_id, missing, {}, nets, [], {}])
+        )["error"]["ok_to_retry"],
+        json!(false)
+    );
+    check_clean(&m);
+
+    // A stemcell image without its .meta marker is not usable.
+    tb.virsh_ok(&[
+        "vol-delete",
+        &format!("{}.meta", sc.cid),
+        "--pool",
+        &tb.pool_name(),
+    ]);
+    let (t, m) = create(&sc.cid, json!({"memory": 64}), &nets);
+    assert_eq!(t, "VMCreationFailed", "{m}");
+    assert!(m.contains("not found"), "{m}");
+    drop(sc);
+    let sc = Stemcell::import(tb);
+
+    // Missing libvirt network named in cloud_properties.
+    let ghost = format!("no-such-net-{}", uuid_like());
+    let (t, m) = create(
+        &sc.cid,
+        json!({"memory": 64}),
+        &json!({"default": {"type": "dynamic", "cloud_properties": {"network_name": ghost}}}),
+    );
+    assert_eq!(t, "VMCreationFailed");
+    assert!(m.contains(&ghost) && m.contains("does not exist"), "{m}");
+    check_clean(&m);
+
+    // Manual IP outside the libvirt network, or reserved for another MAC.
+    let (_, m) = create(
+        &sc.cid,
+        json!({"memory": 64}),
+        &json!({"default": manual("10.99.0.5")}),
+    );
+    assert!(
+        m.contains("10.99.0.5") && m.contains("10.253.77.0/24"),
+        "{m}"
+    );
+    let squatter = format!("squat-{}", uuid_like());
+    let squat_xml = format!("<host mac='52:54:00:ee:ee:01' name='{squatter}' ip='{ip}'/>");
+    tb.virsh_ok(&[
+        "net-update",
+        &net_name(tb),
+        "add",
+        "ip-dhcp-host",
+        &squat_xml,
+        "--live",
+        "--config",
+    ]);
+    let (t, m) = create(&sc.cid, json!({"memory": 64}), &nets);
+    tb.virsh_ok(&[
+        "net-update",
+        &net_name(tb),
+        "delete",
+        "ip-dhcp-host",
+        &squat_xml,
+        "--live",
+        "--config",
+    ]);
+    assert_eq!(t, "VMCreationFailed");
+    assert!(
+        m.contains("already reserved") && m.contains("52:54:00:ee:ee:01"),
+        "{m}"
+    );
+    assert_no_domain_for_agent(tb, &agent_id);
+
+    // Bad cloud_properties and a root disk smaller than the stemcell: refused up front.
+    let (t, m) = create(&sc.cid, json!({"cpu": "two"}), &nets);
+    assert_eq!(t, "VMCreationFailed");
+    assert!(m.contains("cloud_properties.cpu"), "{m}");
+    let (_, m) = create(&sc.cid, json!({"root_disk_size": 1}), &nets);
+    assert!(m.contains("smaller than the stemcell"), "{m}");
+    check_clean(&m);
+
+    // Part-way: the ephemeral volume cannot be made (after the DHCP entry and
+    // the root overlay exist).
+    let (t, m) = create(
+        &sc.cid,
+        json!({"memory": 64, "ephemeral_disk": 1u64 << 40}),
+        &nets,
+    );
+    assert_eq!(t, "VMCreationFailed");
+    assert!(m.contains("-ephemeral"), "{m}");
+    let vm = vm_cid_in(&m).expect("the message names the VM");
+    check_clean(&m);
+    assert_no_trace(tb, &vm, &[]);
+
+    // Part-way: the domain cannot be defined (after every volume exists).
+    let r = call(
+        config,
+        "create_vm",
+        json!([agent_id, sc.cid, {"memory": 64, "machine": "pc-q35-bogus"}, nets, [], {}]),
+    );
+    let m = r["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        m.contains("defining domain") && m.contains("pc-q35-bogus"),
+        "{m}"
+    );
+    assert_eq!(
+        r["error"]["ok_to_retry"],
+        json!(false),
+        "deterministic failure"
+    );
+    check_clean(&m);
+    assert_no_domain_for_agent(tb, &agent_id);
+}
+
+#[test]
+fn sixteen_concurrent_creates_then_deletes() {
+    let tb = testbed();
+    let config = tb.config.clone();
+    let sc = Stemcell::import(tb);
+    let net = net_name(tb);
+    let mut ips = HashSet::new();
+    for _ in 0..16 {
+        let ip = free_ip(tb, 20, 60, &ips);
+        ips.insert(ip);
+    }
+    let vols_before: BTreeSet<String> = tb.volumes().into_iter().collect();
+
+    let handles: Vec<_> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let (config, sc, ip) = (config.clone(), sc.cid.clone(), ip.clone());
+            std::thread::spawn(move || {
+                let r = call(
+                    &config,
+                    "create_vm",
+                    json!([format!("agent-many-{i}"), sc, {"memory": 64}, {"default": manual(&ip)}, [], {}]),
+                );
+                (ip, r)
+            })
+        })
+        .collect();
+    let results: Vec<(String, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut vms = Vec::new();
+    let mut macs = HashSet::new();
+    let mut failures = Vec::new();
+    for (ip, r) in &results {
+        if !r["error"].is_null() {
+            failures.push(r["error"].to_string());
+            continue;
+        }
+        let vm = r["result"][0].as_str().unwrap().to_string();
+        let mac = r["result"][1]["default"]["mac"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        macs.insert(mac.clone());
+        vms.push((vm, mac, ip.clone()));
+    }
+    // Delete whatever was made before judging, so a failure leaves no VMs running.
+    let hosts_during = dhcp_hosts(tb, &net);
+    let deletes: Vec<_> = vms
+        .iter()
+        .map(|(vm, _, _)| {
+            let (config, vm) = (config.clone(), vm.clone());
+            std::thread::spawn(move || call(&config, "delete_vm", json!([vm])))
+        })
+        .collect();
+    let delete_errors: Vec<String> = deletes
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|r| !r["error"].is_null())
+        .map(|r| r["error"].to_string())
+        .collect();
+
+    assert!(failures.is_empty(), "create_vm failures: {failures:?}");
+    assert!(
+        delete_errors.is_empty(),
+        "delete_vm failures: {delete_errors:?}"
+    );
+    assert_eq!(vms.len(), 16);
+    assert_eq!(macs.len(), 16, "MACs must be distinct");
+    for (vm, mac, ip) in &vms {
+        assert!(
+            hosts_during.contains(&(mac.clone(), vm.clone(), ip.clone())),
+            "{vm}: {ip} not reserved for {mac}"
+        );
+    }
+    // Pool and network as they were, as far as these VMs go (others share the test bed).
+    let vols_after: BTreeSet<String> = tb.volumes().into_iter().collect();
+    let new: Vec<_> = vols_after.difference(&vols_before).collect();
+    for (vm, mac, _) in &vms {
+        assert!(
+            !new.iter().any(|v| v.starts_with(vm.as_str())),
+            "{vm} left volumes: {new:?}"
+        );
+        assert_no_trace(tb, vm, std::slice::from_ref(mac));
+    }
+    let hosts_after = dhcp_hosts(tb, &net);
+    assert!(
+        !hosts_after
+            .iter()
+            .any(|h| ips.contains(&h.2) && vms.iter().any(|v| v.0 == h.1)),
+        "reservations left: {hosts_after:?}"
+    );
+    assert!(vols_after.contains(&sc.cid), "the stemcell stays");
+}
+
+#[test]
+fn missing_nat_network_is_created_by_concurrent_creators() {
+    let tb = testbed();
+    let n = uuid::Uuid::new_v4().as_bytes()[0] % 100 + 100;
+    let name = format!("cpi-vmtest-net-{}", uuid_like());
+    let config = tb.config_with(
+        "vm-newnet",
+        json!({"network": {"name": name, "subnet": format!("10.254.{n}.0/24")}}),
+    );
+    let sc = Stemcell::import(tb);
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let (config, sc) = (config.clone(), sc.cid.clone());
+            let nets = if i % 2 == 0 {
+                json!({"d": {"type": "dynamic"}})
+            } else {
+                json!({"m": {"type": "manual", "ip": format!("10.254.{n}.{}", 10 + i), "netmask": "255.255.255.0", "gateway": format!("10.254.{n}.1")}})
+            };
+            std::thread::spawn(move || call(&config, "create_vm", json!([format!("agent-net-{i}"), sc, {"memory": 64}, nets, [], {}])))
+        })
+        .collect();
+    let results: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let vms: Vec<String> = results
+        .iter()
+        .filter_map(|r| r["result"][0].as_str().map(str::to_string))
+        .collect();
+    let info = tb.virsh(&["net-info", &name]);
+    let net_xml = tb.virsh(&["net-dumpxml", &name]);
+    for vm in &vms {
+        ok(&config, "delete_vm", json!([vm]));
+    }
+    let _ = tb.virsh(&["net-destroy", &name]);
+    let _ = tb.virsh(&["net-undefine", &name]);
+
+    for r in &results {
+        assert!(r["error"].is_null(), "create_vm failed: {r}");
+    }
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("Active:         yes") && info.contains("Autostart:      yes"),
+        "{info}"
+    );
+    let net_xml = String::from_utf8_lossy(&net_xml.stdout);
+    assert!(net_xml.contains("<forward mode='nat'"), "{net_xml}");
+    assert!(
+        net_xml.contains(&format!("address='10.254.{n}.1'")),
+        "{net_xml}"
+    );
+    assert_eq!(net_xml.matches("<host ").count(), 2, "{net_xml}");
+}
+
+#[test]
+fn delete_vm_of_a_vanished_vm_sweeps_its_leftovers() {
+    let tb = testbed();
+    let vm = format!("vm-{}", uuid::Uuid::new_v4());
+    let pool = tb.pool_name();
+    let net = net_name(tb);
+    // What a create_vm killed half-way would leave: volumes and a reservation.
+    tb.virsh_ok(&[
+        "vol-create-as",
+        &pool,
+        &format!("{vm}-root"),
+        "1M",
+        "--format",
+        "qcow2",
+    ]);
+    tb.virsh_ok(&["vol-create-as", &pool, &format!("{vm}-config.iso"), "1M"]);
+    let ip = free_ip(tb, 80, 90, &HashSet::new());
+    let host = format!("<host mac='52:54:00:ee:ee:02' name='{vm}' ip='{ip}'/>");
+    tb.virsh_ok(&[
+        "net-update",
+        &net,
+        "add",
+        "ip-dhcp-host",
+        &host,
+        "--live",
+        "--config",
+    ]);
+    // A look-alike that is not this VM's must survive.
+    let other = format!("{vm}x-root");
+    tb.virsh_ok(&["vol-create-as", &pool, &other, "1M"]);
+
+    assert_eq!(ok(&tb.config, "has_vm", json!([vm])), json!(false));
+    let r = call(&tb.config, "delete_vm", json!([vm]));
+    assert!(r["error"].is_null(), "{r}");
+    assert!(r["log"].as_str().unwrap().contains("already gone"), "{r}");
+    assert_no_trace(tb, &vm, &["52:54:00:ee:ee:02".to_string()]);
+    assert!(tb.volumes().contains(&other));
+    tb.virsh_ok(&["vol-delete", &other, "--pool", &pool]);
+
+    // Not a VM CID of ours: nothing is swept, success.
+    ok(&tb.config, "delete_vm", json!(["disk"]));
+}
+
+#[test]
+fn absent_vms_and_small_methods() {
+    let tb = testbed();
+    let config = &tb.config;
+    let vm = format!("vm-{}", uuid::Uuid::new_v4());
+    assert_eq!(ok(config, "has_vm", json!([vm])), json!(false));
+    assert_eq!(ok(config, "has_vm", json!(["i-123"])), json!(false));
+    let (t, m) = err(config, "reboot_vm", json!([vm]));
+    assert_eq!(
+        (t.as_str(), m),
+        ("VMNotFound", format!("VM '{vm}' not found"))
+    );
+    let (t, _) = err(config, "set_vm_metadata", json!([vm, {"name": "x"}]));
+    assert_eq!(t, "VMNotFound");
+    assert_eq!(
+        ok(
+            config,
+            "calculate_vm_cloud_properties",
+            json!([{"cpu": 2, "ram": 4096, "ephemeral_disk_size": 10240}])
+        ),
+        json!({"cpu": 2, "memory": 4096, "ephemeral_disk": {"size": 10240}})
+    );
+    let (t, _) = err(
+        config,
+        "calculate_vm_cloud_properties",
+        json!([{"cpu": 0, "ram": 1, "ephemeral_disk_size": 0}]),
+    );
+    assert_eq!(t, "CloudError");
+}

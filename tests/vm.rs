@@ -759,3 +759,43 @@ fn absent_vms_and_small_methods() {
     );
     assert_eq!(t, "CloudError");
 }
+
+#[test]
+fn two_creates_racing_for_one_ip_one_wins_and_the_loser_leaves_nothing() {
+    let tb = testbed();
+    let sc = Stemcell::import(tb);
+    let ip = free_ip(tb, 90, 100, &HashSet::new());
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let (config, sc, ip) = (tb.config.clone(), sc.cid.clone(), ip.clone());
+            std::thread::spawn(move || {
+                call(
+                    &config,
+                    "create_vm",
+                    json!([format!("agent-race-{i}"), sc, {"memory": 64}, {"default": manual(&ip)}, [], {}]),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let winners: Vec<String> = results
+        .iter()
+        .filter_map(|r| r["result"][0].as_str().map(str::to_string))
+        .collect();
+    for vm in &winners {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one create_vm gets {ip}: {results:?}"
+    );
+    let loser = results.iter().find(|r| !r["error"].is_null()).unwrap();
+    let m = loser["error"]["message"].as_str().unwrap();
+    assert_eq!(loser["error"]["type"], "Bosh::Clouds::VMCreationFailed");
+    assert!(m.contains(&ip) && m.contains("already reserved"), "{m}");
+    if let Some(vm) = vm_cid_in(m) {
+        assert_no_trace(tb, &vm, &[]);
+    }
+    assert_no_trace(tb, &winners[0], &[]);
+}

@@ -167,9 +167,14 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
         .checked_mul(MIB)
         .ok_or_else(|| creation_failed("ephemeral_disk size overflows"))?;
 
+    log.debug(format!(
+        "stemcell {} is {} ({} bytes)",
+        args.stemcell_cid, stemcell_facts.path, stemcell_facts.capacity
+    ));
     let vm_cid = cid::new_vm_cid();
     let networks = resolve_networks(lv, config, &requests)?;
     let mut nics = plan_nics(lv, config, &vm_cid, requests, &networks, log)?;
+    log.debug(format!("{vm_cid}: networks checked, MACs chosen"));
 
     let mut journal: Vec<Made> = Vec::new();
     let made = make_vm(
@@ -499,6 +504,7 @@ fn make_vm(
     let root_name = format!("{vm_cid}-root");
     let root = lv.create_overlay(m.pool, &root_name, m.stemcell, m.root_bytes)?;
     journal.push(Made::Volume(root_name.clone()));
+    log.debug(format!("created {root_name} on {}", m.stemcell.path));
     let root_path = vol_path(&root, &root_name)?;
 
     // 3. Ephemeral disk, sparse.
@@ -506,6 +512,7 @@ fn make_vm(
         let name = format!("{vm_cid}-ephemeral");
         let vol = lv.create_raw_volume(m.pool, &name, m.ephemeral_bytes)?;
         journal.push(Made::Volume(name.clone()));
+        log.debug(format!("created {name}"));
         Some(vol_path(&vol, &name)?)
     } else {
         None
@@ -533,6 +540,7 @@ fn make_vm(
     let iso_vol = lv.create_raw_volume(m.pool, &iso_name, iso.len() as u64)?;
     journal.push(Made::Volume(iso_name.clone()));
     lv.upload_volume(&iso_vol, &iso_name, &iso)?;
+    log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
     let iso_path = vol_path(&iso_vol, &iso_name)?;
 
     // 5. The domain, defined persistent, then started (not waiting for the guest).
@@ -580,7 +588,9 @@ fn make_vm(
     };
     let dom = lv.define_domain(&spec)?;
     journal.push(Made::Domain(dom.clone()));
+    log.debug(format!("defined domain {vm_cid}"));
     lv.start_domain(&dom, vm_cid)?;
+    log.debug(format!("started domain {vm_cid}"));
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! does it. Handlers get a `Call`, which carries the config, the logger and a
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
-mod info;
+pub mod info;
 mod vm;
 
 use serde_json::Value;

@@ -9,7 +9,11 @@ use serde_json::json;
 #[test]
 fn has_vm_over_tls_reaches_libvirt() {
     let tb = testbed();
-    assert!(tb.uri.starts_with("qemu+tls://"), "the test bed must use TLS: {}", tb.uri);
+    assert!(
+        tb.uri.starts_with("qemu+tls://"),
+        "the test bed must use TLS: {}",
+        tb.uri
+    );
     let absent = "vm-00000000-0000-4000-8000-000000000000";
     assert_eq!(ok(&tb.config, "has_vm", json!([absent])), json!(false));
     // A CID that is not ours is absent too, without a libvirt error.
@@ -42,10 +46,20 @@ fn a_client_without_the_right_certificate_is_refused() {
     let tb = testbed();
     for pki in ["rogue", "nocert"] {
         let cfg = with_pkipath(tb, pki, pki);
-        let (t, m) = err(&cfg, "has_vm", json!(["vm-00000000-0000-4000-8000-000000000000"]));
+        let (t, m) = err(
+            &cfg,
+            "has_vm",
+            json!(["vm-00000000-0000-4000-8000-000000000000"]),
+        );
         assert_eq!(t, "CloudError", "{pki}: {m}");
-        assert!(m.starts_with("connecting to libvirt at qemu+tls://"), "{pki}: {m}");
-        assert!(m.contains("TLS") && m.contains("certificate"), "{pki}: the reason should name TLS and the certificate: {m}");
+        assert!(
+            m.starts_with("connecting to libvirt at qemu+tls://"),
+            "{pki}: {m}"
+        );
+        assert!(
+            m.contains("TLS") && m.contains("certificate"),
+            "{pki}: the reason should name TLS and the certificate: {m}"
+        );
     }
 }
 
@@ -55,7 +69,11 @@ fn an_unreachable_host_is_a_cloud_error_not_a_hang() {
     // Nothing listens on this loopback port.
     let uri = tb.uri.replace("localhost/system", "localhost:1/system");
     let cfg = tb.config_with("unreachable", json!({"libvirt": {"uri": uri}}));
-    let (t, m) = err(&cfg, "has_vm", json!(["vm-00000000-0000-4000-8000-000000000000"]));
+    let (t, m) = err(
+        &cfg,
+        "has_vm",
+        json!(["vm-00000000-0000-4000-8000-000000000000"]),
+    );
     assert_eq!(t, "CloudError");
     assert!(m.contains("connecting to libvirt"), "{m}");
 }

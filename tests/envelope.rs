@@ -198,5 +198,8 @@ fn the_front_executable_does_not_load_libvirt() {
         .expect("readelf");
     let dynamic = String::from_utf8_lossy(&out.stdout);
     assert!(dynamic.contains("NEEDED"), "readelf output: {dynamic}");
-    assert!(!dynamic.contains("libvirt"), "cpi links libvirt:\n{dynamic}");
+    assert!(
+        !dynamic.contains("libvirt"),
+        "cpi links libvirt:\n{dynamic}"
+    );
 }

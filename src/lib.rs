@@ -109,3 +109,21 @@ fn respond(outcome: Outcome, mut log: Logger) -> Response {
         log: log.take_summary(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_cloud_error_response() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let outcome: Outcome = catch_unwind(|| -> Result<Value, CpiError> { panic!("boom") });
+        std::panic::set_hook(prev);
+        let r = respond(outcome, Logger::new(Some("cpi-1"), "test"));
+        let e = r.error.expect("an error");
+        assert_eq!(e.kind, crate::error::ErrorKind::CloudError);
+        assert_eq!(e.message, "internal error (panic): boom");
+        assert_eq!(r.to_json()["result"], Value::Null);
+    }
+}

@@ -121,7 +121,7 @@ mod tests {
         let outcome: Outcome = catch_unwind(|| -> Result<Value, CpiError> { panic!("boom") });
         std::panic::set_hook(prev);
         let r = respond(outcome, Logger::new(Some("cpi-1"), "test"));
-        let e = r.error.expect("an error");
+        let e = r.error.clone().expect("an error");
         assert_eq!(e.kind, crate::error::ErrorKind::CloudError);
         assert_eq!(e.message, "internal error (panic): boom");
         assert_eq!(r.to_json()["result"], Value::Null);

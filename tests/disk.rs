@@ -38,6 +38,12 @@ struct TestVm {
 
 impl TestVm {
     fn define(start: bool) -> TestVm {
+        Self::define_with(start, true)
+    }
+
+    /// `bootable: false` gives a blank root disk: the domain runs firmware
+    /// only, with no guest OS to release a hot-plugged disk.
+    fn define_with(start: bool, bootable: bool) -> TestVm {
         let tb = tb();
         let name = format!("vm-{}", uuid());
         let pool = tb.pool_name();
@@ -54,27 +60,24 @@ impl TestVm {
             volumes: vec![root.clone(), base.clone()],
             deleted: false,
         };
-        tb.virsh_ok(&["vol-create-as", &pool, &base, &size, "--format", "qcow2"]);
-        tb.virsh_ok(&[
-            "vol-upload",
-            "--pool",
-            &pool,
-            &base,
-            image.to_str().unwrap(),
-        ]);
-        let base_path = tb.virsh_ok(&["vol-path", "--pool", &pool, &base]);
-        tb.virsh_ok(&[
-            "vol-create-as",
-            &pool,
-            &root,
-            "64M",
-            "--format",
-            "qcow2",
-            "--backing-vol",
-            base_path.trim(),
-            "--backing-vol-format",
-            "qcow2",
-        ]);
+        if bootable {
+            let image = image.to_str().unwrap();
+            tb.virsh_ok(&["vol-create-as", &pool, &base, &size, "--format", "qcow2"]);
+            tb.virsh_ok(&["vol-upload", "--pool", &pool, &base, image]);
+            let base_path = tb.virsh_ok(&["vol-path", "--pool", &pool, &base]);
+            let backing = [
+                "--backing-vol",
+                base_path.trim(),
+                "--backing-vol-format",
+                "qcow2",
+            ];
+            let mut args = vec!["vol-create-as", &pool, &root, "64M", "--format", "qcow2"];
+            args.extend(backing);
+            tb.virsh_ok(&args);
+        } else {
+            vm.volumes.retain(|v| v != &base);
+            tb.virsh_ok(&["vol-create-as", &pool, &root, "64M", "--format", "qcow2"]);
+        }
         let root_path = tb.virsh_ok(&["vol-path", "--pool", &pool, &root]);
         let ports = "<controller type='pci' model='pcie-root-port'/>".repeat(6);
         let xml = format!(
@@ -462,6 +465,10 @@ fn create_inspect_resize_metadata_and_delete_disks() {
         "DiskNotFound"
     );
 
+    let (t, m) = err_kind("resize_disk", json!([q, 100u64 * 1024 * 1024 * 1024]));
+    assert_eq!(t, "NoDiskSpace", "{m}");
+    assert_eq!(vol_capacity(&q), 64 * MIB as u64);
+
     let (t, m) = err_kind("update_disk", json!([q, 128, {}]));
     assert_eq!(
         (t.as_str(), m.as_str()),
@@ -765,4 +772,44 @@ fn hot_plug_on_running_guests() {
     });
     assert_eq!(ok(cfg(), "get_disks", json!([vm3.name])), json!([b]));
     assert_eq!(ok(cfg(), "attach_disk", json!([vm3.name, b])), hint);
+}
+
+/// With no guest OS to release it, a hot-plugged disk stays in the live
+/// domain: detach_disk must say so after its bounded wait, not report success,
+/// and leave the persistent definition alone so that a retry can finish.
+#[test]
+fn detach_fails_clearly_when_the_guest_does_not_release_the_disk() {
+    let mut c = Cleanup::default();
+    let d = c.disk(16, json!({}));
+    let vm = TestVm::define_with(true, false);
+    assert_hint(&ok(cfg(), "attach_disk", json!([vm.name, d])));
+    assert!(disk_element(&vm.live_xml(), &d).is_some());
+
+    let started = Instant::now();
+    let (t, m) = err_kind("detach_disk", json!([vm.name, d]));
+    let waited = started.elapsed();
+    assert_eq!(t, "CloudError");
+    assert!(m.contains("still attached") && m.contains(&vm.name), "{m}");
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(60),
+        "bounded wait, took {waited:?}"
+    );
+    assert!(
+        disk_element(&vm.live_xml(), &d).is_some(),
+        "still in the live domain"
+    );
+    assert!(
+        disk_element(&vm.config_xml(), &d).is_some(),
+        "persistent definition untouched"
+    );
+    assert_eq!(ok(cfg(), "get_disks", json!([vm.name])), json!([d]));
+
+    // Once the domain is off, the retry finishes the job.
+    tb().virsh_ok(&["destroy", &vm.name]);
+    ok(cfg(), "detach_disk", json!([vm.name, d]));
+    assert!(disk_element(&vm.config_xml(), &d).is_none());
+    assert_eq!(
+        err_kind("detach_disk", json!([vm.name, d])).0,
+        "DiskNotAttached"
+    );
 }

@@ -541,11 +541,12 @@ pub fn resize_disk(call: &mut Call, disk_cid: &str, new_size_mib: u64) -> Result
             "refusing to resize it while attached (detach it first)",
         ));
     }
-    let format = checked_format(call, &pool, &disk)?;
+    checked_format(call, &pool, &disk)?;
     let lv = call.libvirt()?;
+    // The same rule as create_disk: the growth must fit in the pool's free
+    // space, even though the volume stays thin.
     let available = lv.pool_available(&pool)?;
-    let needed = wanted.saturating_sub(disk.facts.allocation.max(current));
-    if format == VolumeFormat::Raw && needed > available {
+    if wanted - current > available {
         return Err(CpiError::new(
             ErrorKind::NoDiskSpace,
             format!(

@@ -8,6 +8,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod handlers;
+pub mod image;
 pub mod libvirt;
 pub mod log;
 pub mod method;

@@ -325,7 +325,7 @@ impl Qcow2Header {
             )));
         }
         let within = |what: &str, offset: u64, len: u64| -> Result<(), String> {
-            if offset % cluster_size != 0 {
+            if !offset.is_multiple_of(cluster_size) {
                 return Err(corrupt(format!(
                     "{what} at offset {offset} is not cluster-aligned"
                 )));
@@ -501,7 +501,7 @@ impl Qcow2Walk {
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(format!(
                     "corrupt qcow2 image: L1 entry {i} points to an unaligned L2 table at {off}"
                 ));

@@ -3,6 +3,7 @@
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
 mod info;
+mod stemcell;
 mod vm;
 
 use serde_json::Value;
@@ -46,9 +47,12 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
     match method {
         Method::Info => info::info(call.config),
         Method::HasVm { vm_cid } => vm::has_vm(call, &vm_cid),
-        Method::CreateStemcell { .. }
-        | Method::DeleteStemcell { .. }
-        | Method::CreateVm { .. }
+        Method::CreateStemcell {
+            image_path,
+            cloud_properties,
+        } => stemcell::create_stemcell(call, &image_path, &cloud_properties),
+        Method::DeleteStemcell { stemcell_cid } => stemcell::delete_stemcell(call, &stemcell_cid),
+        Method::CreateVm { .. }
         | Method::DeleteVm { .. }
         | Method::RebootVm { .. }
         | Method::SetVmMetadata { .. }

@@ -7,6 +7,8 @@
 
 pub mod domain;
 pub mod pool;
+pub mod stemcell;
+pub mod upload;
 
 pub use pool::xml_escape;
 

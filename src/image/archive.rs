@@ -119,10 +119,8 @@ impl Sender {
 }
 
 fn read(path: &Path, out: &mut Sender) -> Result<(), String> {
-    let mut file =
-        File::open(path).map_err(|e| format!("opening stemcell image {}: {e}", path.display()))?;
-    let head = read_head(&mut file, 512)
-        .map_err(|e| format!("reading stemcell image {}: {e}", path.display()))?;
+    let mut file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let head = read_head(&mut file, 512).map_err(|e| format!("cannot read it: {e}"))?;
 
     if head.starts_with(&[0x1f, 0x8b]) {
         let mut gz = MultiGzDecoder::new(io::BufReader::with_capacity(
@@ -148,12 +146,9 @@ fn read(path: &Path, out: &mut Sender) -> Result<(), String> {
     } else {
         let meta = file
             .metadata()
-            .map_err(|e| format!("reading stemcell image {}: {e}", path.display()))?;
+            .map_err(|e| format!("cannot read it: {e}"))?;
         if !meta.is_file() {
-            return Err(format!(
-                "stemcell image {} is neither a tar archive nor a regular file",
-                path.display()
-            ));
+            return Err("it is neither a tar archive nor a regular file".into());
         }
         let size = meta.len();
         out.send(Event::Found {

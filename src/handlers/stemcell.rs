@@ -445,3 +445,35 @@ impl Import<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_users_are_named_by_vm() {
+        assert_eq!(
+            user_name("vm-8d2f6a10-7c3e-4b59-a1d4-93e0f5b2c7aa-root"),
+            "vm-8d2f6a10-7c3e-4b59-a1d4-93e0f5b2c7aa"
+        );
+        assert_eq!(
+            user_name("someone-elses.qcow2"),
+            "volume someone-elses.qcow2"
+        );
+    }
+
+    #[test]
+    fn declared_formats() {
+        let props = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(declared_format(&props(json!({}))).unwrap(), None);
+        assert_eq!(
+            declared_format(&props(json!({"disk_format": "qcow2"}))).unwrap(),
+            Some(DiskFormat::Qcow2)
+        );
+        let e = declared_format(&props(json!({"disk_format": "vmdk"}))).unwrap_err();
+        assert!(e
+            .message
+            .contains("unsupported stemcell disk_format 'vmdk'"));
+        assert!(declared_format(&props(json!({"disk_format": 3}))).is_err());
+    }
+}

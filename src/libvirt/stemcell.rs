@@ -246,3 +246,25 @@ pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
 fn stack_is(stack: &[String], path: &[&str]) -> bool {
     stack.len() == path.len() && stack.iter().zip(path).all(|(a, b)| a == b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_xml_facts() {
+        let xml = "<volume type='file'>\n  <name>vm-1-root</name>\n  <capacity unit='bytes'>1073741824</capacity>\n  <allocation unit='bytes'>200704</allocation>\n  <target>\n    <path>/pool/vm-1-root</path>\n    <format type='qcow2'/>\n    <timestamps>\n      <atime>1795372300.888159534</atime>\n      <mtime>1795372300.924159532</mtime>\n    </timestamps>\n  </target>\n  <backingStore>\n    <path>/pool/sc-x</path>\n    <format type='qcow2'/>\n  </backingStore>\n</volume>\n";
+        let f = parse_volume_xml(xml).unwrap();
+        assert_eq!(f.path, "/pool/vm-1-root");
+        assert_eq!(f.format.as_deref(), Some("qcow2"));
+        assert_eq!(f.capacity, 1 << 30);
+        assert_eq!(f.backing_path.as_deref(), Some("/pool/sc-x"));
+        assert!((f.mtime.unwrap() - 1_795_372_300.924).abs() < 0.001);
+        let f = parse_volume_xml(
+            "<volume><capacity>5</capacity><target><format type='raw'/></target></volume>",
+        )
+        .unwrap();
+        assert_eq!((f.capacity, f.backing_path, f.mtime), (5, None, None));
+        assert!(parse_volume_xml("<volume><capacity>x</capacity></volume>").is_err());
+    }
+}

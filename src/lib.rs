@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod error;
 pub mod handlers;
 pub mod iso9660;
+pub mod image;
 pub mod libvirt;
 pub mod log;
 pub mod method;

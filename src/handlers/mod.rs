@@ -5,6 +5,7 @@
 mod disk;
 pub mod info;
 mod snapshot;
+mod stemcell;
 mod vm;
 
 use serde_json::Value;
@@ -70,9 +71,12 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             snapshot::snapshot_disk(call, &disk_cid, &metadata)
         }
         Method::DeleteSnapshot { snapshot_cid } => snapshot::delete_snapshot(call, &snapshot_cid),
-        Method::CreateStemcell { .. }
-        | Method::DeleteStemcell { .. }
-        | Method::CreateVm { .. }
+        Method::CreateStemcell {
+            image_path,
+            cloud_properties,
+        } => stemcell::create_stemcell(call, &image_path, &cloud_properties),
+        Method::DeleteStemcell { stemcell_cid } => stemcell::delete_stemcell(call, &stemcell_cid),
+        Method::CreateVm { .. }
         | Method::DeleteVm { .. }
         | Method::RebootVm { .. }
         | Method::SetVmMetadata { .. }

@@ -8,6 +8,8 @@
 pub mod disk;
 pub mod domain;
 pub mod pool;
+pub mod stemcell;
+pub mod upload;
 
 pub use pool::xml_escape;
 

@@ -34,7 +34,7 @@ impl DiskFormat {
     }
 
     /// The stemcell manifest's `cloud_properties.disk_format`.
-    pub fn from_declared(s: &str) -> Option<DiskFormat> {
+    pub fn parse(s: &str) -> Option<DiskFormat> {
         match s {
             "qcow2" => Some(DiskFormat::Qcow2),
             "raw" => Some(DiskFormat::Raw),

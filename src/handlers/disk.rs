@@ -21,9 +21,8 @@ use super::snapshot;
 use super::Call;
 use crate::cid;
 use crate::error::{CpiError, ErrorKind, Result};
-use crate::libvirt::disk::{
-    disk_device_xml, next_free_target, DiskRef, Holder, VolumeFacts, VolumeFormat, MIB,
-};
+use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
+use crate::libvirt::volume::{DiskFormat, VolumeFacts, MIB};
 use crate::method::Object;
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
@@ -88,24 +87,24 @@ pub(super) fn recorded_format(
     call: &mut Call,
     pool: &StoragePool,
     disk: &Disk,
-) -> Result<VolumeFormat> {
+) -> Result<DiskFormat> {
     let meta = meta_name(&disk.cid);
     match call.libvirt()?.read_json_volume(pool, &meta)? {
         Some(record) => record
             .get("format")
             .and_then(Value::as_str)
-            .and_then(VolumeFormat::parse)
+            .and_then(DiskFormat::parse)
             .ok_or_else(|| {
                 CpiError::cloud(format!(
                     "{meta}: the disk's record has no valid \"format\" (qcow2 or raw): {record}"
                 ))
             }),
-        None if disk.facts.probed_format.as_deref() == Some("raw") => {
+        None if disk.facts.format.as_deref() == Some("raw") => {
             call.log.warn(format!(
                 "{}: no record {meta}; using the volume as raw, as libvirt probes it",
                 disk.cid
             ));
-            Ok(VolumeFormat::Raw)
+            Ok(DiskFormat::Raw)
         }
         None => Err(CpiError::cloud(format!(
             "{}: the record {meta} of the disk's format is missing and libvirt probes the \
@@ -113,7 +112,7 @@ pub(super) fn recorded_format(
              An operator who knows the format can recreate the record as a raw volume holding \
              {{\"format\":\"qcow2\"}} or {{\"format\":\"raw\"}}",
             disk.cid,
-            disk.facts.probed_format.as_deref().unwrap_or("unknown")
+            disk.facts.format.as_deref().unwrap_or("unknown")
         ))),
     }
 }
@@ -125,17 +124,17 @@ pub(super) fn checked_format(
     call: &mut Call,
     pool: &StoragePool,
     disk: &Disk,
-) -> Result<VolumeFormat> {
+) -> Result<DiskFormat> {
     let format = recorded_format(call, pool, disk)?;
-    let probed = disk.facts.probed_format.as_deref().unwrap_or("unknown");
-    if probed != format.as_str() || disk.facts.backing_store.is_some() {
+    let probed = disk.facts.format.as_deref().unwrap_or("unknown");
+    if probed != format.as_str() || disk.facts.backing_path.is_some() {
         return Err(CpiError::cloud(format!(
             "{}: the disk was created as {} but libvirt now probes it as {probed}{}; refusing to \
              let libvirt process it (a guest can write an image header into a raw disk)",
             disk.cid,
             format.as_str(),
             disk.facts
-                .backing_store
+                .backing_path
                 .as_deref()
                 .map(|b| format!(" with backing store {b}"))
                 .unwrap_or_default()
@@ -169,8 +168,8 @@ pub fn create_disk(
         ));
     }
     let format = match cloud_properties.get("format") {
-        None | Some(Value::Null) => VolumeFormat::Qcow2,
-        Some(Value::String(s)) => VolumeFormat::parse(s).ok_or_else(|| {
+        None | Some(Value::Null) => DiskFormat::Qcow2,
+        Some(Value::String(s)) => DiskFormat::parse(s).ok_or_else(|| {
             CpiError::cloud(format!(
                 "cloud_properties.format must be \"qcow2\" or \"raw\", got \"{s}\""
             ))

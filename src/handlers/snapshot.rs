@@ -30,7 +30,7 @@ use super::disk::{checked_format, find_disk, recorded_format};
 use super::Call;
 use crate::cid;
 use crate::error::{CpiError, Result};
-use crate::libvirt::disk::{VolumeFacts, VolumeFormat};
+use crate::libvirt::volume::{DiskFormat, VolumeFacts};
 use crate::method::Object;
 
 /// A live copy that makes no progress for this long is abandoned.
@@ -99,10 +99,10 @@ pub(super) fn find_snapshot(
         return Ok(None);
     };
     let facts = lv.volume_facts(&vol, snapshot_cid)?;
-    if facts.probed_format.as_deref() != Some("qcow2") || facts.backing_store.is_some() {
+    if facts.format.as_deref() != Some("qcow2") || facts.backing_path.is_some() {
         return Err(CpiError::cloud(format!(
             "snapshot {snapshot_cid} is not the plain qcow2 image the CPI made (format {:?}, backing store {:?})",
-            facts.probed_format, facts.backing_store
+            facts.format, facts.backing_path
         )));
     }
     Ok(Some(Snapshot { vol, facts }))
@@ -135,7 +135,7 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
                     "VM {vm} vanished while snapshotting {disk_cid}; retry"
                 ))
             })?;
-            let dest = lv.create_volume(&pool, &snapshot_cid, capacity, VolumeFormat::Qcow2)?;
+            let dest = lv.create_volume(&pool, &snapshot_cid, capacity, DiskFormat::Qcow2)?;
             let copied = lv.volume_facts(&dest, &snapshot_cid).and_then(|f| {
                 lv.live_block_copy(&domain, vm, target, &f.path, LIVE_COPY_STALL_TIMEOUT)
             });
@@ -156,7 +156,7 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
                 &disk.vol,
                 disk_cid,
                 capacity,
-                VolumeFormat::Qcow2,
+                DiskFormat::Qcow2,
             )?;
             (
                 format,

@@ -104,8 +104,8 @@ pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
     }
     // Marker first: from then on the stemcell is incomplete, and a crash
     // before the image goes leaves a leftover the sweep removes.
-    let marker = lv.delete_volume_if_exists(&pool, &marker_name(cid))?;
-    let image = lv.delete_volume_if_exists(&pool, cid)?;
+    let marker = lv.delete_volume(&pool, &marker_name(cid))?;
+    let image = lv.delete_volume(&pool, cid)?;
     match (marker, image) {
         (_, true) => log.info(format!("deleted stemcell {cid}")),
         (true, false) => log.warn(format!("{cid} had a marker but no image; marker deleted")),
@@ -125,7 +125,7 @@ fn user_name(volume: &str) -> String {
 fn declared_format(cloud_properties: &Object) -> Result<Option<DiskFormat>> {
     match cloud_properties.get("disk_format") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => DiskFormat::from_declared(s).map(Some).ok_or_else(|| {
+        Some(Value::String(s)) => DiskFormat::parse(s).map(Some).ok_or_else(|| {
             CpiError::cloud(format!(
                 "unsupported stemcell disk_format '{s}': this CPI imports qcow2 and raw"
             ))
@@ -249,9 +249,9 @@ impl Import<'_> {
             }
         }
 
-        let vol =
-            self.lv
-                .create_volume(self.pool, self.cid, root.format.as_str(), root.virtual_size)?;
+        let vol = self
+            .lv
+            .create_volume(self.pool, self.cid, root.virtual_size, root.format)?;
         log.info(format!(
             "created {} volume {} ({} bytes virtual)",
             root.format, self.cid, root.virtual_size
@@ -429,7 +429,7 @@ impl Import<'_> {
     fn clean_up(&self, error: CpiError, log: &mut Logger) -> CpiError {
         let mut problems = Vec::new();
         for name in [marker_name(self.cid), self.cid.to_string()] {
-            if let Err(e) = self.lv.delete_volume_if_exists(self.pool, &name) {
+            if let Err(e) = self.lv.delete_volume(self.pool, &name) {
                 problems.push(e.message);
             }
         }

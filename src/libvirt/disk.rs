@@ -20,10 +20,9 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 use virt::sys;
 
-use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
+use super::volume::{DiskFormat, MIB};
+use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
-
-pub const MIB: u64 = 1 << 20;
 
 /// How often a domain's live XML is re-read while waiting for the guest.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -31,41 +30,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Sidecar volumes never need to be large; a bigger one is not ours to read.
 const SIDECAR_MAX_BYTES: u64 = MIB;
 const SIDECAR_BLOCK: usize = 4096;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VolumeFormat {
-    Qcow2,
-    Raw,
-}
-
-impl VolumeFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VolumeFormat::Qcow2 => "qcow2",
-            VolumeFormat::Raw => "raw",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<VolumeFormat> {
-        match s {
-            "qcow2" => Some(VolumeFormat::Qcow2),
-            "raw" => Some(VolumeFormat::Raw),
-            _ => None,
-        }
-    }
-}
-
-/// What libvirt currently believes about a volume. For a `dir` pool the format
-/// and backing store are PROBED from the file's first bytes, so for a raw disk
-/// they are under the guest's control: never trust them over the CPI's record.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VolumeFacts {
-    pub path: String,
-    pub capacity: u64,
-    pub allocation: u64,
-    pub probed_format: Option<String>,
-    pub backing_store: Option<String>,
-}
 
 /// One `<disk>` device of a domain definition.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -147,7 +111,7 @@ pub struct Holder {
 /// The virtio-blk device the CPI attaches for a persistent disk. `cache='none'`
 /// (O_DIRECT on the host: no double caching, guest flushes reach the disk) works
 /// under both TCG and KVM on the local filesystems a `dir` pool lives on.
-pub fn disk_device_xml(path: &str, format: VolumeFormat, target: &str, serial: &str) -> String {
+pub fn disk_device_xml(path: &str, format: DiskFormat, target: &str, serial: &str) -> String {
     format!(
         "<disk type='file' device='disk'>\
          <driver name='qemu' type='{}' cache='none' discard='unmap'/>\
@@ -305,133 +269,9 @@ pub fn parse_domain_disks(xml: &str) -> std::result::Result<Vec<DiskDevice>, Str
     Ok(disks)
 }
 
-/// Format and backing store from a volume's XML (`<target><format type=...>`,
-/// `<backingStore><path>`).
-fn parse_volume_xml(xml: &str) -> std::result::Result<(Option<String>, Option<String>), String> {
-    let mut format = None;
-    let mut backing = None;
-    walk_xml(xml, |path, item| match item {
-        Item::Start(e) if is_path(path, &["volume", "target", "format"]) => {
-            format = attr(e, "type");
-        }
-        Item::Text(t)
-            if is_path(path, &["volume", "backingStore", "path"]) && !t.trim().is_empty() =>
-        {
-            backing = Some(t.trim().to_string());
-        }
-        _ => {}
-    })?;
-    Ok((format, backing))
-}
-
 // ---- libvirt operations ---------------------------------------------------------
 
-fn volume_xml(name: &str, capacity: u64, format: VolumeFormat) -> String {
-    format!(
-        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-         <allocation unit='bytes'>0</allocation><target><format type='{}'/></target></volume>",
-        xml_escape(name),
-        format.as_str()
-    )
-}
-
 impl Libvirt {
-    /// Free bytes in the pool. The pool is refreshed first so space used by
-    /// others is counted; a refresh can fail while another CPI builds a volume
-    /// in the pool, and the last known figure is then good enough.
-    pub fn pool_available(&self, pool: &StoragePool) -> Result<u64> {
-        let _ = pool.refresh(0);
-        let info = pool
-            .info()
-            .map_err(|e| lv_error("reading storage pool info", e))?;
-        Ok(info.available)
-    }
-
-    /// A new, empty, thin volume.
-    pub fn create_volume(
-        &self,
-        pool: &StoragePool,
-        name: &str,
-        capacity: u64,
-        format: VolumeFormat,
-    ) -> Result<StorageVol> {
-        StorageVol::create_xml(pool, &volume_xml(name, capacity, format), 0).map_err(|e| {
-            lv_error(
-                format!(
-                    "creating {} volume {name} of {} MiB",
-                    format.as_str(),
-                    capacity.div_ceil(MIB)
-                ),
-                e,
-            )
-        })
-    }
-
-    /// A new volume holding a copy of `from` (libvirt copies raw to raw itself
-    /// and runs `qemu-img convert` otherwise, taking the input format from its
-    /// own view of `from`: callers check that view first).
-    pub fn clone_volume(
-        &self,
-        pool: &StoragePool,
-        name: &str,
-        from: &StorageVol,
-        from_name: &str,
-        capacity: u64,
-        format: VolumeFormat,
-    ) -> Result<StorageVol> {
-        StorageVol::create_xml_from(pool, &volume_xml(name, capacity, format), from, 0).map_err(
-            |e| {
-                lv_error(
-                    format!("copying volume {from_name} to new volume {name}"),
-                    e,
-                )
-            },
-        )
-    }
-
-    pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let info = vol
-            .info()
-            .map_err(|e| lv_error(format!("reading volume info of {name}"), e))?;
-        let path = vol
-            .path()
-            .map_err(|e| lv_error(format!("reading path of volume {name}"), e))?;
-        let xml = vol
-            .xml_desc(0)
-            .map_err(|e| lv_error(format!("reading XML of volume {name}"), e))?;
-        let (probed_format, backing_store) = parse_volume_xml(&xml)
-            .map_err(|e| CpiError::cloud(format!("parsing XML of volume {name}: {e}")))?;
-        Ok(VolumeFacts {
-            path,
-            capacity: info.capacity,
-            allocation: info.allocation,
-            probed_format,
-            backing_store,
-        })
-    }
-
-    pub fn resize_volume(&self, vol: &StorageVol, name: &str, capacity: u64) -> Result<()> {
-        vol.resize(capacity, 0).map_err(|e| {
-            lv_error(
-                format!("growing volume {name} to {} MiB", capacity.div_ceil(MIB)),
-                e,
-            )
-        })
-    }
-
-    /// Deletes a volume; `false` when there was none.
-    pub fn delete_volume(&self, pool: &StoragePool, name: &str) -> Result<bool> {
-        let Some(vol) = self.find_volume(pool, name)? else {
-            return Ok(false);
-        };
-        match vol.delete(0) {
-            Ok(()) => Ok(true),
-            // Someone else deleted it between the lookup and now.
-            Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(lv_error(format!("deleting volume {name}"), e)),
-        }
-    }
-
     /// Replaces the content of a small sidecar volume with `value` as JSON,
     /// creating the volume when missing. The JSON is padded with spaces to the
     /// volume's whole size and written in one upload, so a reader sees either
@@ -449,7 +289,7 @@ impl Libvirt {
         }
         let vol = match self.find_volume(pool, name)? {
             Some(vol) => vol,
-            None => match self.create_volume(pool, name, size as u64, VolumeFormat::Raw) {
+            None => match self.create_volume(pool, name, size as u64, DiskFormat::Raw) {
                 Ok(vol) => vol,
                 // Lost a race with a concurrent writer of the same sidecar.
                 Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
@@ -976,7 +816,7 @@ mod tests {
 
     #[test]
     fn device_xml_round_trips() {
-        let xml = disk_device_xml("/p/disk-1", VolumeFormat::Raw, "vdc", "disk-1");
+        let xml = disk_device_xml("/p/disk-1", DiskFormat::Raw, "vdc", "disk-1");
         let wrapped = format!("<domain><devices>{xml}</devices></domain>");
         let d = &parse_domain_disks(&wrapped).unwrap()[0];
         assert_eq!(
@@ -990,18 +830,5 @@ mod tests {
         );
         let detach = format!("<domain><devices>{}</devices></domain>", detach_xml(d));
         assert_eq!(parse_domain_disks(&detach).unwrap()[0].target, "vdc");
-    }
-
-    #[test]
-    fn volume_xml_format_is_the_targets_not_the_backing_stores() {
-        let xml = "<volume type='file'><name>d</name><target><path>/p/d</path>\
-                   <format type='qcow2'/></target><backingStore><path>/etc/hostname</path>\
-                   <format type='raw'/></backingStore></volume>";
-        assert_eq!(
-            parse_volume_xml(xml).unwrap(),
-            (Some("qcow2".into()), Some("/etc/hostname".into()))
-        );
-        let plain = "<volume><target><format type='raw'/></target><backingStore/></volume>";
-        assert_eq!(parse_volume_xml(plain).unwrap(), (Some("raw".into()), None));
     }
 }

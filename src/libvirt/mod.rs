@@ -10,6 +10,7 @@ pub mod domain;
 pub mod pool;
 pub mod stemcell;
 pub mod upload;
+pub mod volume;
 
 pub use pool::xml_escape;
 

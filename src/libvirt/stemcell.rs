@@ -12,9 +12,11 @@
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::{is_not_found, lv_error, xml_escape, Libvirt};
+use super::volume::parse_volume_xml;
+use super::{is_not_found, lv_error, Libvirt};
 use crate::cid::is_stemcell_cid;
 use crate::error::{CpiError, Result};
+use crate::image::DiskFormat;
 
 /// A marker-less stemcell volume untouched this long is a leftover of a
 /// killed import (a live upload writes continuously; keepalive ends a dead
@@ -23,19 +25,6 @@ pub const PARTIAL_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 
 pub fn marker_name(cid: &str) -> String {
     format!("{cid}.meta")
-}
-
-/// What libvirt reports about a volume.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct VolumeFacts {
-    pub path: String,
-    pub format: Option<String>,
-    pub capacity: u64,
-    /// Size of the file (libvirt's "physical").
-    pub physical: u64,
-    pub backing_path: Option<String>,
-    /// Modification time on the libvirt host, seconds since the epoch.
-    pub mtime: Option<f64>,
 }
 
 impl Libvirt {
@@ -51,60 +40,9 @@ impl Libvirt {
         self.find_volume(pool, cid)
     }
 
-    /// Creates an empty volume (allocation 0: sparse, nothing preallocated).
-    pub fn create_volume(
-        &self,
-        pool: &StoragePool,
-        name: &str,
-        format: &str,
-        capacity: u64,
-    ) -> Result<StorageVol> {
-        let xml = format!(
-            "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-             <allocation unit='bytes'>0</allocation><target><format type='{}'/>\
-             <permissions><mode>0644</mode></permissions></target></volume>",
-            xml_escape(name),
-            xml_escape(format)
-        );
-        StorageVol::create_xml(pool, &xml, 0).map_err(|e| {
-            lv_error(
-                format!("creating {format} volume {name} of {capacity} bytes"),
-                e,
-            )
-        })
-    }
-
-    /// Deletes a volume; true if it was there. A volume that vanished in
-    /// between (another process deleted it) counts as deleted.
-    pub fn delete_volume_if_exists(&self, pool: &StoragePool, name: &str) -> Result<bool> {
-        let Some(vol) = self.find_volume(pool, name)? else {
-            return Ok(false);
-        };
-        match vol.delete(0) {
-            Ok(()) => Ok(true),
-            Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(lv_error(format!("deleting volume {name}"), e)),
-        }
-    }
-
-    /// Format, sizes, backing store and mtime, freshly read from the file
-    /// (libvirt refreshes a volume's facts when its XML is asked for).
-    pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let xml = vol
-            .xml_desc(0)
-            .map_err(|e| lv_error(format!("reading the XML of volume {name}"), e))?;
-        let mut facts = parse_volume_xml(&xml)
-            .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))?;
-        let info = vol
-            .info_flags(virt::sys::VIR_STORAGE_VOL_GET_PHYSICAL)
-            .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))?;
-        facts.physical = info.allocation;
-        Ok(facts)
-    }
-
     /// Writes a small raw volume holding `content` (the completion marker).
     pub fn write_small_volume(&self, pool: &StoragePool, name: &str, content: &[u8]) -> Result<()> {
-        let vol = self.create_volume(pool, name, "raw", content.len() as u64)?;
+        let vol = self.create_volume(pool, name, content.len() as u64, DiskFormat::Raw)?;
         let written = self
             .start_upload(&vol, content.len() as u64, false)
             .and_then(|mut up| {
@@ -142,11 +80,6 @@ impl Libvirt {
         Ok(users)
     }
 
-    pub fn volume_names(&self, pool: &StoragePool) -> Result<Vec<String>> {
-        pool.list_volumes()
-            .map_err(|e| lv_error("listing the volumes of the storage pool", e))
-    }
-
     /// Removes stemcell leftovers: image volumes without a marker whose file
     /// has not changed for `max_age` seconds before `host_now` (a time read on
     /// the libvirt host), and markers whose image is gone. Never `keep`.
@@ -176,7 +109,7 @@ impl Libvirt {
                     Err(e) => return Err(e),
                 };
                 let Some(mtime) = facts.mtime else { continue };
-                if host_now - mtime > max_age && self.delete_volume_if_exists(pool, name)? {
+                if host_now - mtime > max_age && self.delete_volume(pool, name)? {
                     removed.push(name.clone());
                 }
             } else if let Some(base) = name.strip_suffix(".meta") {
@@ -184,87 +117,12 @@ impl Libvirt {
                 // one without an image is garbage whatever its age.
                 if is_stemcell_cid(base) && base != keep && !has(base) {
                     // Re-check: the listing may predate the image's creation.
-                    if self.find_volume(pool, base)?.is_none()
-                        && self.delete_volume_if_exists(pool, name)?
-                    {
+                    if self.find_volume(pool, base)?.is_none() && self.delete_volume(pool, name)? {
                         removed.push(name.clone());
                     }
                 }
             }
         }
         Ok(removed)
-    }
-}
-
-/// Picks what we need out of a volume's XML.
-pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
-    use quick_xml::events::Event;
-    let mut reader = quick_xml::Reader::from_str(xml);
-    let mut stack: Vec<String> = Vec::new();
-    let mut facts = VolumeFacts::default();
-    loop {
-        let event = reader.read_event().map_err(|e| e.to_string())?;
-        match event {
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                if name == "format" && stack_is(&stack, &["volume", "target"]) {
-                    for a in e.attributes().flatten() {
-                        if a.key.as_ref() == b"type" {
-                            facts.format = Some(String::from_utf8_lossy(&a.value).into_owned());
-                        }
-                    }
-                }
-                // Empty elements have no children and no End event.
-                if matches!(event, Event::Start(_)) {
-                    stack.push(name);
-                }
-            }
-            Event::End(_) => {
-                stack.pop();
-            }
-            Event::Text(t) => {
-                let text = t.unescape().map_err(|e| e.to_string())?.trim().to_string();
-                if stack_is(&stack, &["volume", "capacity"]) {
-                    facts.capacity = text
-                        .parse()
-                        .map_err(|_| format!("capacity '{text}' is not a number"))?;
-                } else if stack_is(&stack, &["volume", "target", "path"]) {
-                    facts.path = text;
-                } else if stack_is(&stack, &["volume", "backingStore", "path"]) {
-                    facts.backing_path = Some(text);
-                } else if stack_is(&stack, &["volume", "target", "timestamps", "mtime"]) {
-                    facts.mtime = text.parse().ok();
-                }
-            }
-            Event::Eof => break,
-            _ => {}
-        }
-    }
-    Ok(facts)
-}
-
-fn stack_is(stack: &[String], path: &[&str]) -> bool {
-    stack.len() == path.len() && stack.iter().zip(path).all(|(a, b)| a == b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn volume_xml_facts() {
-        let xml = "<volume type='file'>\n  <name>vm-1-root</name>\n  <capacity unit='bytes'>1073741824</capacity>\n  <allocation unit='bytes'>200704</allocation>\n  <target>\n    <path>/pool/vm-1-root</path>\n    <format type='qcow2'/>\n    <timestamps>\n      <atime>1795372300.888159534</atime>\n      <mtime>1795372300.924159532</mtime>\n    </timestamps>\n  </target>\n  <backingStore>\n    <path>/pool/sc-x</path>\n    <format type='qcow2'/>\n  </backingStore>\n</volume>\n";
-        let f = parse_volume_xml(xml).unwrap();
-        assert_eq!(f.path, "/pool/vm-1-root");
-        assert_eq!(f.format.as_deref(), Some("qcow2"));
-        assert_eq!(f.capacity, 1 << 30);
-        assert_eq!(f.backing_path.as_deref(), Some("/pool/sc-x"));
-        assert!((f.mtime.unwrap() - 1_795_372_300.924).abs() < 0.001);
-        let f = parse_volume_xml(
-            "<volume><capacity>5</capacity><target><format type='raw'/></target></volume>",
-        )
-        .unwrap();
-        assert_eq!((f.capacity, f.backing_path, f.mtime), (5, None, None));
-        assert!(parse_volume_xml("<volume><capacity>x</capacity></volume>").is_err());
     }
 }

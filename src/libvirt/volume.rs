@@ -1,0 +1,227 @@
+//! Volumes in the dedicated pool, whatever they hold: creating, reading what
+//! libvirt reports about them, growing, copying, deleting.
+//!
+//! For a `dir` pool libvirt PROBES a volume's format and backing store from
+//! the file's first bytes; for a raw volume those bytes are the guest's, so
+//! callers never trust the probed format over their own record.
+
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::{is_not_found, lv_error, xml_escape, Libvirt};
+use crate::error::{CpiError, Result};
+pub use crate::image::DiskFormat;
+
+pub const MIB: u64 = 1 << 20;
+
+/// What libvirt reports about a volume.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VolumeFacts {
+    pub path: String,
+    /// The probed format (see the module doc).
+    pub format: Option<String>,
+    pub capacity: u64,
+    /// Bytes the file really uses on the host.
+    pub allocation: u64,
+    /// Size of the file (libvirt's "physical").
+    pub physical: u64,
+    pub backing_path: Option<String>,
+    /// Modification time on the libvirt host, seconds since the epoch.
+    pub mtime: Option<f64>,
+}
+
+fn volume_xml(name: &str, capacity: u64, format: DiskFormat) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+         <allocation unit='bytes'>0</allocation><target><format type='{}'/>\
+         <permissions><mode>0644</mode></permissions></target></volume>",
+        xml_escape(name),
+        format.as_str()
+    )
+}
+
+impl Libvirt {
+    /// A new, empty volume (allocation 0: sparse, nothing preallocated).
+    pub fn create_volume(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        capacity: u64,
+        format: DiskFormat,
+    ) -> Result<StorageVol> {
+        StorageVol::create_xml(pool, &volume_xml(name, capacity, format), 0).map_err(|e| {
+            lv_error(
+                format!(
+                    "creating {format} volume {name} of {} MiB",
+                    capacity.div_ceil(MIB)
+                ),
+                e,
+            )
+        })
+    }
+
+    /// A new volume holding a copy of `from` (libvirt copies raw to raw itself
+    /// and runs `qemu-img convert` otherwise, taking the input format from its
+    /// own probe of `from`: callers check that first).
+    pub fn clone_volume(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        from: &StorageVol,
+        from_name: &str,
+        capacity: u64,
+        format: DiskFormat,
+    ) -> Result<StorageVol> {
+        StorageVol::create_xml_from(pool, &volume_xml(name, capacity, format), from, 0).map_err(
+            |e| {
+                lv_error(
+                    format!("copying volume {from_name} to new volume {name}"),
+                    e,
+                )
+            },
+        )
+    }
+
+    /// Format, sizes, backing store and mtime, freshly read from the file
+    /// (libvirt refreshes a volume's facts when its XML is asked for).
+    pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
+        let xml = vol
+            .xml_desc(0)
+            .map_err(|e| lv_error(format!("reading the XML of volume {name}"), e))?;
+        let mut facts = parse_volume_xml(&xml)
+            .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))?;
+        let info = vol
+            .info()
+            .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))?;
+        facts.allocation = info.allocation;
+        let physical = vol
+            .info_flags(virt::sys::VIR_STORAGE_VOL_GET_PHYSICAL)
+            .map_err(|e| lv_error(format!("reading the file size of volume {name}"), e))?;
+        facts.physical = physical.allocation;
+        Ok(facts)
+    }
+
+    pub fn resize_volume(&self, vol: &StorageVol, name: &str, capacity: u64) -> Result<()> {
+        vol.resize(capacity, 0).map_err(|e| {
+            lv_error(
+                format!("growing volume {name} to {} MiB", capacity.div_ceil(MIB)),
+                e,
+            )
+        })
+    }
+
+    /// Deletes a volume; true if it was there. A volume that vanished in
+    /// between (another process deleted it) counts as deleted.
+    pub fn delete_volume(&self, pool: &StoragePool, name: &str) -> Result<bool> {
+        let Some(vol) = self.find_volume(pool, name)? else {
+            return Ok(false);
+        };
+        match vol.delete(0) {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(lv_error(format!("deleting volume {name}"), e)),
+        }
+    }
+
+    pub fn volume_names(&self, pool: &StoragePool) -> Result<Vec<String>> {
+        pool.list_volumes()
+            .map_err(|e| lv_error("listing the volumes of the storage pool", e))
+    }
+
+    /// Free bytes in the pool. The pool is refreshed first so space used by
+    /// others is counted; a refresh can fail while another CPI builds a volume
+    /// in the pool, and the last known figure is then good enough.
+    pub fn pool_available(&self, pool: &StoragePool) -> Result<u64> {
+        let _ = pool.refresh(0);
+        let info = pool
+            .info()
+            .map_err(|e| lv_error("reading storage pool info", e))?;
+        Ok(info.available)
+    }
+}
+
+/// Picks what we need out of a volume's XML.
+pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut stack: Vec<String> = Vec::new();
+    let mut facts = VolumeFacts::default();
+    loop {
+        let event = reader.read_event().map_err(|e| e.to_string())?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                if name == "format" && stack_is(&stack, &["volume", "target"]) {
+                    for a in e.attributes().flatten() {
+                        if a.key.as_ref() == b"type" {
+                            facts.format = Some(String::from_utf8_lossy(&a.value).into_owned());
+                        }
+                    }
+                }
+                // Empty elements have no children and no End event.
+                if matches!(event, Event::Start(_)) {
+                    stack.push(name);
+                }
+            }
+            Event::End(_) => {
+                stack.pop();
+            }
+            Event::Text(t) => {
+                let text = t.unescape().map_err(|e| e.to_string())?.trim().to_string();
+                if stack_is(&stack, &["volume", "capacity"]) {
+                    facts.capacity = text
+                        .parse()
+                        .map_err(|_| format!("capacity '{text}' is not a number"))?;
+                } else if stack_is(&stack, &["volume", "target", "path"]) {
+                    facts.path = text;
+                } else if stack_is(&stack, &["volume", "backingStore", "path"]) {
+                    facts.backing_path = Some(text);
+                } else if stack_is(&stack, &["volume", "target", "timestamps", "mtime"]) {
+                    facts.mtime = text.parse().ok();
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(facts)
+}
+
+fn stack_is(stack: &[String], path: &[&str]) -> bool {
+    stack.len() == path.len() && stack.iter().zip(path).all(|(a, b)| a == b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_xml_facts() {
+        let xml = "<volume type='file'>\n  <name>vm-1-root</name>\n  <capacity unit='bytes'>1073741824</capacity>\n  <allocation unit='bytes'>200704</allocation>\n  <target>\n    <path>/pool/vm-1-root</path>\n    <format type='qcow2'/>\n    <timestamps>\n      <atime>1795372300.888159534</atime>\n      <mtime>1795372300.924159532</mtime>\n    </timestamps>\n  </target>\n  <backingStore>\n    <path>/pool/sc-x</path>\n    <format type='qcow2'/>\n  </backingStore>\n</volume>\n";
+        let f = parse_volume_xml(xml).unwrap();
+        assert_eq!(f.path, "/pool/vm-1-root");
+        assert_eq!(f.format.as_deref(), Some("qcow2"));
+        assert_eq!(f.capacity, 1 << 30);
+        assert_eq!(f.backing_path.as_deref(), Some("/pool/sc-x"));
+        assert!((f.mtime.unwrap() - 1_795_372_300.924).abs() < 0.001);
+        let f = parse_volume_xml(
+            "<volume><capacity>5</capacity><target><format type='raw'/></target></volume>",
+        )
+        .unwrap();
+        assert_eq!((f.capacity, f.backing_path, f.mtime), (5, None, None));
+        assert!(parse_volume_xml("<volume><capacity>x</capacity></volume>").is_err());
+    }
+
+    #[test]
+    fn the_format_is_the_targets_not_the_backing_stores() {
+        let xml = "<volume type='file'><name>d</name><target><path>/p/d</path>\
+                   <format type='qcow2'/></target><backingStore><path>/etc/hostname</path>\
+                   <format type='raw'/></backingStore></volume>";
+        let f = parse_volume_xml(xml).unwrap();
+        assert_eq!(f.format.as_deref(), Some("qcow2"));
+        assert_eq!(f.backing_path.as_deref(), Some("/etc/hostname"));
+        let plain = "<volume><target><format type='raw'/></target><backingStore/></volume>";
+        let f = parse_volume_xml(plain).unwrap();
+        assert_eq!((f.format.as_deref(), f.backing_path), (Some("raw"), None));
+    }
+}

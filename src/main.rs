@@ -34,7 +34,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    write_response(&response)
+    response.write_to_stdout()
 }
 
 /// Execs `cpi-libvirt` with the request bytes as its stdin. Returns only on failure.
@@ -70,15 +70,4 @@ fn request_as_file(request: &[u8]) -> std::io::Result<std::fs::File> {
     file.write_all(request)?;
     file.seek(SeekFrom::Start(0))?;
     Ok(file)
-}
-
-fn write_response(response: &Response) -> ExitCode {
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(&response.to_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
-    }
 }

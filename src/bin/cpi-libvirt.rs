@@ -2,7 +2,7 @@
 //! The `cpi` front executable execs it for every request that needs libvirt;
 //! it reads the same request from stdin and writes the one response.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,13 +10,5 @@ fn main() -> ExitCode {
     let config_path = std::env::args_os().nth(1).map(PathBuf::from);
     let mut input = Vec::new();
     let read = std::io::stdin().read_to_end(&mut input).map(|_| input);
-    let response = libvirt_cpi::run(config_path.as_deref(), read);
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(&response.to_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
-    }
+    libvirt_cpi::run(config_path.as_deref(), read).write_to_stdout()
 }

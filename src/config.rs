@@ -140,8 +140,12 @@ impl Config {
                 path.display()
             ))
         })?;
-        Self::from_value(file, context)
-            .map_err(|e| e.context(format!("config file {}", path.display())))
+        let mut config = Self::from_value(file, context)
+            .map_err(|e| e.context(format!("config file {}", path.display())))?;
+        if let Some(dir) = path.parent() {
+            config.libvirt.uri = absolutize_pkipath(&config.libvirt.uri, dir);
+        }
+        Ok(config)
     }
 
     pub fn from_value(mut file: Value, context: &Map<String, Value>) -> Result<Config> {
@@ -224,6 +228,26 @@ pub const CONFIG_KEYS: &[&str] = &[
     "log_level",
     "reboot_grace_seconds",
 ];
+
+/// A relative `pkipath=` in the URI names a directory beside the config file
+/// (the BOSH job renders the PKI next to cpi.json, and `bosh create-env` only
+/// knows where that is at run time).
+fn absolutize_pkipath(uri: &str, config_dir: &Path) -> String {
+    let Some((before, rest)) = uri.split_once("pkipath=") else {
+        return uri.to_string();
+    };
+    if rest.starts_with('/') || !(before.ends_with('?') || before.ends_with('&')) {
+        return uri.to_string();
+    }
+    let (value, after) = match rest.find('&') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    format!(
+        "{before}pkipath={}{after}",
+        config_dir.join(value).display()
+    )
+}
 
 /// Objects merge key by key; anything else replaces.
 fn deep_merge(base: &mut Value, overlay: &Value) {
@@ -320,6 +344,20 @@ pub(crate) mod tests {
             "qemu+tls://h/system?pkipath=/p&no_verify=1"
         );
         assert_eq!(load(sample()).unwrap().libvirt_uri(), "test:///default");
+    }
+
+    #[test]
+    fn relative_pkipath_is_beside_the_config_file() {
+        let dir = Path::new("/var/vcap/jobs/libvirt_cpi/config");
+        assert_eq!(
+            absolutize_pkipath("qemu+tls://h/system?pkipath=pki&no_verify=0", dir),
+            "qemu+tls://h/system?pkipath=/var/vcap/jobs/libvirt_cpi/config/pki&no_verify=0"
+        );
+        assert_eq!(
+            absolutize_pkipath("qemu+tls://h/system?pkipath=/abs/pki", dir),
+            "qemu+tls://h/system?pkipath=/abs/pki"
+        );
+        assert_eq!(absolutize_pkipath("qemu:///system", dir), "qemu:///system");
     }
 
     #[test]

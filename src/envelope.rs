@@ -140,6 +140,20 @@ impl Response {
         })
     }
 
+    /// Writes the one response document to stdout and flushes (a Rust
+    /// `process::exit` would skip the flush). Exit 0 unless even that failed.
+    pub fn write_to_stdout(&self) -> std::process::ExitCode {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        match stdout
+            .write_all(&self.to_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(_) => std::process::ExitCode::FAILURE,
+        }
+    }
+
     pub fn is_error_of(&self, kind: ErrorKind) -> bool {
         self.error.as_ref().is_some_and(|e| e.kind == kind)
     }

@@ -9,6 +9,7 @@ pub mod configdrive;
 pub mod envelope;
 pub mod error;
 pub mod handlers;
+pub mod image;
 pub mod iso9660;
 pub mod libvirt;
 pub mod log;
@@ -23,16 +24,71 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::envelope::{parse_request, Response};
+use crate::envelope::{parse_request, Request, Response};
 use crate::error::CpiError;
 use crate::handlers::{dispatch, Call};
 use crate::log::Logger;
 use crate::method::Method;
 
-/// Handles one request. Never panics; never returns without a response.
+/// Handles one request completely (the `cpi-libvirt` executable). Never
+/// panics; never returns without a response.
 pub fn run(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Response {
     let mut log = Logger::new(None, "-");
-    let outcome = catch_unwind(AssertUnwindSafe(|| handle(config_path, input, &mut log)));
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let (request, config, method) = prepare(config_path, input, &mut log)?;
+        let mut call = Call::new(&config, &mut log, &request);
+        dispatch(method, &mut call)
+    }));
+    respond(outcome, log)
+}
+
+/// What the front process (`cpi`) does with a request.
+pub enum Front {
+    /// Answered without libvirt: `info`, or an error found before libvirt is needed.
+    Respond(Response),
+    /// Valid, and needs libvirt: hand the same bytes to `cpi-libvirt`.
+    Handoff,
+}
+
+/// Everything that needs no libvirt, so the front executable does not link
+/// it: loading libvirt's 55 shared libraries costs about 11 ms, and callers
+/// run `info` before nearly every method.
+pub fn front(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Front {
+    let mut log = Logger::new(None, "-");
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        prepare(config_path, input, &mut log).map(|(_, config, method)| match method {
+            Method::Info => Some(handlers::info::info(&config)),
+            _ => None,
+        })
+    }));
+    match outcome {
+        Ok(Ok(None)) => Front::Handoff,
+        Ok(Ok(Some(result))) => Front::Respond(respond(Ok(result), log)),
+        Ok(Err(e)) => Front::Respond(respond(Ok(Err(e)), log)),
+        Err(panic) => Front::Respond(respond(Err(panic), log)),
+    }
+}
+
+/// Parses the request, loads the config (with the context's overrides) and
+/// types the method: every check that needs no libvirt.
+fn prepare(
+    config_path: Option<&Path>,
+    input: std::io::Result<Vec<u8>>,
+    log: &mut Logger,
+) -> Result<(Request, Config, Method), CpiError> {
+    let bytes = input.map_err(|e| CpiError::bad_request(format!("reading stdin: {e}")))?;
+    let request = parse_request(&bytes)?;
+    *log = Logger::new(request.request_id(), &request.method);
+    let config = Config::load(config_path, &request.context)?;
+    log.set_level(config.log_level);
+    let method = Method::parse(&request.method, &request.arguments)?;
+    log.debug("start");
+    Ok((request, config, method))
+}
+
+type Outcome = std::thread::Result<Result<Value, CpiError>>;
+
+fn respond(outcome: Outcome, mut log: Logger) -> Response {
     let (result, error) = match outcome {
         Ok(Ok(value)) => (value, None),
         Ok(Err(e)) => (Value::Null, Some(e)),
@@ -58,18 +114,20 @@ pub fn run(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Respo
     }
 }
 
-fn handle(
-    config_path: Option<&Path>,
-    input: std::io::Result<Vec<u8>>,
-    log: &mut Logger,
-) -> Result<Value, CpiError> {
-    let bytes = input.map_err(|e| CpiError::bad_request(format!("reading stdin: {e}")))?;
-    let request = parse_request(&bytes)?;
-    *log = Logger::new(request.request_id(), &request.method);
-    let config = Config::load(config_path, &request.context)?;
-    log.set_level(config.log_level);
-    let method = Method::parse(&request.method, &request.arguments)?;
-    log.debug("start");
-    let mut call = Call::new(&config, log, &request);
-    dispatch(method, &mut call)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_cloud_error_response() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let outcome: Outcome = catch_unwind(|| -> Result<Value, CpiError> { panic!("boom") });
+        std::panic::set_hook(prev);
+        let r = respond(outcome, Logger::new(Some("cpi-1"), "test"));
+        let e = r.error.clone().expect("an error");
+        assert_eq!(e.kind, crate::error::ErrorKind::CloudError);
+        assert_eq!(e.message, "internal error (panic): boom");
+        assert_eq!(r.to_json()["result"], Value::Null);
+    }
 }

@@ -187,3 +187,19 @@ fn stderr_lines_carry_the_request_id_and_stdout_holds_only_the_response() {
         "one document, no extra lines"
     );
 }
+
+#[test]
+fn the_front_executable_does_not_load_libvirt() {
+    // `info` is called before nearly every method; loading libvirt and its
+    // dependency closure would cost ~11 ms per call.
+    let out = std::process::Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_cpi")])
+        .output()
+        .expect("readelf");
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    assert!(dynamic.contains("NEEDED"), "readelf output: {dynamic}");
+    assert!(
+        !dynamic.contains("libvirt"),
+        "cpi links libvirt:\n{dynamic}"
+    );
+}

@@ -15,73 +15,28 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-// TODO(merge): import through create_stemcell once main has it.
-/// A test stemcell imported with virsh the way the naming convention says
-/// (`sc-<uuid>` image + `sc-<uuid>.meta` marker); deleted on drop.
+/// A test stemcell imported through create_stemcell; deleted on drop.
 struct Stemcell {
     cid: String,
 }
 
 impl Stemcell {
     fn import(tb: &Testbed) -> Stemcell {
-        let img = tb.stemcell_dir("qcow2").join("root.img");
-        Self::import_file(tb, &img, "qcow2")
-    }
-
-    fn import_file(tb: &Testbed, img: &Path, format: &str) -> Stemcell {
-        let pool = tb.pool_name();
-        let cid = format!("sc-{}", uuid::Uuid::new_v4());
-        let info = std::process::Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(img)
-            .output()
-            .unwrap();
-        let size = serde_json::from_slice::<Value>(&info.stdout).unwrap()["virtual-size"]
-            .as_u64()
-            .unwrap();
-        let sc = Stemcell { cid: cid.clone() };
-        tb.virsh_ok(&[
-            "vol-create-as",
-            &pool,
-            &cid,
-            &size.to_string(),
-            "--format",
-            format,
-        ]);
-        tb.virsh_ok(&["vol-upload", &cid, img.to_str().unwrap(), "--pool", &pool]);
-        let meta = scratch_dir("sc-meta").join("meta.json");
-        std::fs::write(
-            &meta,
-            json!({"format": format, "virtual_size": size}).to_string(),
-        )
-        .unwrap();
-        let meta_name = format!("{cid}.meta");
-        tb.virsh_ok(&[
-            "vol-create-as",
-            &pool,
-            &meta_name,
-            "4096",
-            "--format",
-            "raw",
-        ]);
-        tb.virsh_ok(&[
-            "vol-upload",
-            &meta_name,
-            meta.to_str().unwrap(),
-            "--pool",
-            &pool,
-        ]);
-        sc
+        let dir = tb.stemcell_dir("qcow2");
+        let cid = ok(
+            &tb.config,
+            "create_stemcell",
+            json!([dir.join("image"), {"name": "bosh-libvirt-test", "version": "1.0", "disk": 64, "disk_format": "qcow2"}]),
+        );
+        Stemcell {
+            cid: cid.as_str().unwrap().to_string(),
+        }
     }
 }
 
 impl Drop for Stemcell {
     fn drop(&mut self) {
-        let tb = testbed();
-        let pool = tb.pool_name();
-        for name in [format!("{}.meta", self.cid), self.cid.clone()] {
-            let _ = tb.virsh(&["vol-delete", &name, "--pool", &pool]);
-        }
+        let _ = call(&testbed().config, "delete_stemcell", json!([self.cid]));
     }
 }
 

@@ -2,7 +2,10 @@
 //! does it. Handlers get a `Call`, which carries the config, the logger and a
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
-mod info;
+mod disk;
+pub mod info;
+mod snapshot;
+mod stemcell;
 mod vm;
 
 use serde_json::Value;
@@ -72,22 +75,33 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             ram_mib,
             ephemeral_disk_mib,
         } => vm::calculate_vm_cloud_properties(cpu, ram_mib, ephemeral_disk_mib),
-        Method::CreateStemcell { .. }
-        | Method::DeleteStemcell { .. }
-        | Method::CreateDisk { .. }
-        | Method::DeleteDisk { .. }
-        | Method::HasDisk { .. }
-        | Method::AttachDisk { .. }
-        | Method::DetachDisk { .. }
-        | Method::GetDisks { .. }
-        | Method::ResizeDisk { .. }
-        | Method::UpdateDisk { .. }
-        | Method::SetDiskMetadata { .. }
-        | Method::SnapshotDisk { .. }
-        | Method::DeleteSnapshot { .. } => Err(CpiError::not_implemented(format!(
-            "{} is not implemented yet",
-            call.request.method
-        ))),
+        Method::CreateDisk {
+            size_mib,
+            cloud_properties,
+            vm_locality,
+        } => disk::create_disk(call, size_mib, &cloud_properties, vm_locality.as_deref()),
+        Method::DeleteDisk { disk_cid } => disk::delete_disk(call, &disk_cid),
+        Method::HasDisk { disk_cid } => disk::has_disk(call, &disk_cid),
+        Method::AttachDisk { vm_cid, disk_cid } => disk::attach_disk(call, &vm_cid, &disk_cid),
+        Method::DetachDisk { vm_cid, disk_cid } => disk::detach_disk(call, &vm_cid, &disk_cid),
+        Method::GetDisks { vm_cid } => disk::get_disks(call, &vm_cid),
+        Method::ResizeDisk {
+            disk_cid,
+            new_size_mib,
+        } => disk::resize_disk(call, &disk_cid, new_size_mib),
+        Method::UpdateDisk { disk_cid, .. } => disk::update_disk(call, &disk_cid),
+        Method::SetDiskMetadata { disk_cid, metadata } => {
+            disk::set_disk_metadata(call, &disk_cid, &metadata)
+        }
+        Method::SnapshotDisk { disk_cid, metadata } => {
+            snapshot::snapshot_disk(call, &disk_cid, &metadata)
+        }
+        Method::DeleteSnapshot { snapshot_cid } => snapshot::delete_snapshot(call, &snapshot_cid),
+        Method::CreateStemcell {
+            image_path,
+            cloud_properties,
+        } => stemcell::create_stemcell(call, &image_path, &cloud_properties),
+        Method::DeleteStemcell { stemcell_cid } => stemcell::delete_stemcell(call, &stemcell_cid),
         Method::CurrentVmId => Err(CpiError::not_implemented(
             "current_vm_id is not implemented: the CPI does not run inside a VM it manages",
         )),

@@ -28,14 +28,13 @@ use crate::configdrive;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
 use crate::libvirt::network::{random_mac, DhcpHost, NetworkInfo};
-use crate::libvirt::volume::VolumeFacts;
+use crate::libvirt::stemcell::marker_name;
+use crate::libvirt::volume::{DiskFormat, MIB};
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
 use crate::settings::{self, SettingsInput};
 use crate::vm_spec::{self, NetKind, NetworkRequest, VmProperties};
-
-const MIB: u64 = 1 << 20;
 
 /// The connection, the logger and the config at once (they live in `Call`).
 fn parts<'c>(call: &'c mut Call) -> Result<(&'c Libvirt, &'c mut Logger, &'c Config)> {
@@ -143,22 +142,14 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
 
     // Validation against what libvirt holds.
     let pool = lv.pool(&config.pool)?;
-    let stemcell = find_stemcell(lv, &pool, args.stemcell_cid)?
-        .ok_or_else(|| creation_failed(format!("stemcell '{}' not found", args.stemcell_cid)))?;
-    let stemcell_facts = lv.volume_facts(&stemcell, args.stemcell_cid)?;
-    if !matches!(stemcell_facts.format.as_str(), "qcow2" | "raw") {
-        return Err(creation_failed(format!(
-            "stemcell '{}' has format '{}'; only qcow2 and raw can back a root disk",
-            args.stemcell_cid, stemcell_facts.format
-        )));
-    }
+    let stemcell = find_stemcell(lv, &pool, args.stemcell_cid)?;
     let root_bytes = match props.root_disk_mib {
-        None => stemcell_facts.capacity,
-        Some(mib) if mib * MIB >= stemcell_facts.capacity => mib * MIB,
+        None => stemcell.virtual_size,
+        Some(mib) if mib * MIB >= stemcell.virtual_size => mib * MIB,
         Some(mib) => {
             return Err(creation_failed(format!(
                 "root_disk_size {mib} MiB is smaller than the stemcell's {} MiB",
-                stemcell_facts.capacity.div_ceil(MIB)
+                stemcell.virtual_size.div_ceil(MIB)
             )))
         }
     };
@@ -168,8 +159,8 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
         .ok_or_else(|| creation_failed("ephemeral_disk size overflows"))?;
 
     log.debug(format!(
-        "stemcell {} is {} ({} bytes)",
-        args.stemcell_cid, stemcell_facts.path, stemcell_facts.capacity
+        "stemcell {} is {} ({}, {} bytes)",
+        args.stemcell_cid, stemcell.path, stemcell.format, stemcell.virtual_size
     ));
     let vm_cid = cid::new_vm_cid();
     let networks = resolve_networks(lv, config, &requests)?;
@@ -186,7 +177,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
         MakeInputs {
             vm_cid: &vm_cid,
             pool: &pool,
-            stemcell: &stemcell_facts,
+            stemcell: &stemcell,
             root_bytes,
             ephemeral_bytes,
             networks: &networks,
@@ -263,24 +254,39 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
     }
 }
 
-// TODO(merge): use Libvirt::find_stemcell
-/// A stemcell is usable iff its image volume and its `.meta` completion
-/// marker both exist (naming.md).
-fn find_stemcell(
-    lv: &Libvirt,
-    pool: &StoragePool,
-    stemcell_cid: &str,
-) -> Result<Option<StorageVol>> {
-    let Some(vol) = lv.find_volume(pool, stemcell_cid)? else {
-        return Ok(None);
+/// The stemcell a root disk is built on: its image's path and the format
+/// and virtual size its import recorded in the marker (the probed format of
+/// a raw image is the guest's business, never trusted).
+struct Stemcell {
+    path: String,
+    format: DiskFormat,
+    virtual_size: u64,
+}
+
+fn find_stemcell(lv: &Libvirt, pool: &StoragePool, cid: &str) -> Result<Stemcell> {
+    let not_found = || creation_failed(format!("stemcell '{cid}' not found"));
+    let vol = lv.find_stemcell(pool, cid)?.ok_or_else(not_found)?;
+    let marker = lv
+        .read_json_volume(pool, &marker_name(cid))?
+        .ok_or_else(not_found)?;
+    let format = marker
+        .get("format")
+        .and_then(Value::as_str)
+        .and_then(DiskFormat::parse)
+        .ok_or_else(|| {
+            creation_failed(format!(
+                "stemcell '{cid}': its marker records no usable format ({marker})"
+            ))
+        })?;
+    let virtual_size = match marker.get("virtual_size").and_then(Value::as_u64) {
+        Some(size) => size,
+        None => lv.volume_facts(&vol, cid)?.capacity,
     };
-    if lv
-        .find_volume(pool, &format!("{stemcell_cid}.meta"))?
-        .is_none()
-    {
-        return Ok(None);
-    }
-    Ok(Some(vol))
+    Ok(Stemcell {
+        path: vol_path(&vol, cid)?,
+        format,
+        virtual_size,
+    })
 }
 
 /// Each libvirt network the NICs use, active, with its IPv4 facts.
@@ -435,7 +441,7 @@ fn libvirt_network_of(r: &NetworkRequest, config: &Config) -> String {
 struct MakeInputs<'a> {
     vm_cid: &'a str,
     pool: &'a StoragePool,
-    stemcell: &'a VolumeFacts,
+    stemcell: &'a Stemcell,
     root_bytes: u64,
     ephemeral_bytes: u64,
     networks: &'a BTreeMap<String, (Network, NetworkInfo)>,
@@ -502,7 +508,13 @@ fn make_vm(
 
     // 2. Root disk: a thin overlay on the stemcell.
     let root_name = format!("{vm_cid}-root");
-    let root = lv.create_overlay(m.pool, &root_name, m.stemcell, m.root_bytes)?;
+    let root = lv.create_overlay(
+        m.pool,
+        &root_name,
+        &m.stemcell.path,
+        m.stemcell.format,
+        m.root_bytes,
+    )?;
     journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
     let root_path = vol_path(&root, &root_name)?;
@@ -510,7 +522,7 @@ fn make_vm(
     // 3. Ephemeral disk, sparse.
     let ephemeral_path = if m.ephemeral_bytes > 0 {
         let name = format!("{vm_cid}-ephemeral");
-        let vol = lv.create_raw_volume(m.pool, &name, m.ephemeral_bytes)?;
+        let vol = lv.create_volume(m.pool, &name, m.ephemeral_bytes, DiskFormat::Raw)?;
         journal.push(Made::Volume(name.clone()));
         log.debug(format!("created {name}"));
         Some(vol_path(&vol, &name)?)
@@ -537,9 +549,9 @@ fn make_vm(
     });
     let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
     let iso_name = format!("{vm_cid}-config.iso");
-    let iso_vol = lv.create_raw_volume(m.pool, &iso_name, iso.len() as u64)?;
+    // Journaled first: a failed upload may leave the volume behind.
     journal.push(Made::Volume(iso_name.clone()));
-    lv.upload_volume(&iso_vol, &iso_name, &iso)?;
+    let iso_vol = lv.create_volume_with(m.pool, &iso_name, &iso)?;
     log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
     let iso_path = vol_path(&iso_vol, &iso_name)?;
 
@@ -615,7 +627,7 @@ fn undo(lv: &Libvirt, pool: &StoragePool, journal: Vec<Made>, log: &mut Logger) 
                     .map(|()| format!("removed domain {name}"))
             }
             Made::Volume(name) => lv
-                .delete_volume_named(pool, name)
+                .delete_volume(pool, name)
                 .map(|_| format!("deleted volume {name}")),
             Made::Dhcp {
                 network,
@@ -692,7 +704,7 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
     let mut problems = Vec::new();
     // Volumes of this VM only: root overlay, ephemeral disk, config drive.
     for name in lv.volume_names_with_prefix(&pool, &prefix)? {
-        match lv.delete_volume_named(&pool, &name) {
+        match lv.delete_volume(&pool, &name) {
             Ok(true) => log.info(format!("deleted volume {name}")),
             Ok(false) => {}
             Err(e) => problems.push(e.message),

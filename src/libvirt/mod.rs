@@ -5,9 +5,12 @@
 //! libvirt's reason. "Not found" is a value here (`Option`), never an error;
 //! handlers decide which BOSH type it becomes.
 
+pub mod disk;
 pub mod domain;
 pub mod network;
 pub mod pool;
+pub mod stemcell;
+pub mod upload;
 pub mod volume;
 pub mod xmltree;
 
@@ -47,7 +50,11 @@ impl Libvirt {
     pub fn open(uri: &str) -> Result<Libvirt> {
         init_process();
         let conn = Connect::open(Some(uri)).map_err(|e| {
-            CpiError::cloud(format!("connecting to libvirt at {uri}: {}", e.message()))
+            CpiError::cloud(format!(
+                "connecting to libvirt at {uri}: {}{}",
+                e.message(),
+                connect_hint(e.message())
+            ))
         })?;
         // Local drivers have no keepalive; a remote one that refuses it still works.
         let _ = conn.set_keep_alive(5, 6);
@@ -79,6 +86,21 @@ impl Drop for Libvirt {
             }
             std::mem::forget(conn);
         }
+    }
+}
+
+/// libvirt's TLS failures are terse; say what usually causes them.
+fn connect_hint(message: &str) -> &'static str {
+    if message.contains("TLS confirmation") {
+        " (libvirtd refused this client's certificate: clientcert.pem/clientkey.pem under pkipath must be issued by a CA that libvirtd trusts)"
+    } else if message.contains("certificate") && message.contains("failed validation") {
+        " (the client certificate is not issued by the CA in pkipath's cacert.pem)"
+    } else if message.contains("Cannot read") && message.contains(".pem") {
+        " (pkipath must hold cacert.pem, clientcert.pem and clientkey.pem)"
+    } else if message.contains("Connection refused") {
+        " (is libvirtd listening for TLS on port 16514 of that host?)"
+    } else {
+        ""
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! Many CPI processes may find the pool missing at the same moment: each one
 //! tries to define and start it, and treats "someone else just did" as success.
+//! Starting builds the directory when missing, so whoever starts the pool
+//! first (not necessarily whoever defined it) makes it usable.
 
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
@@ -28,7 +30,11 @@ impl Libvirt {
             .is_active()
             .map_err(|e| lv_error(format!("checking storage pool {name}"), e))?
         {
-            if let Err(e) = pool.create(0) {
+            // WITH_BUILD: the pool may have been defined by another CPI that
+            // has not built its directory yet (building a dir pool is
+            // idempotent; building an active pool is an error, so nobody
+            // builds separately).
+            if let Err(e) = pool.create(virt::sys::VIR_STORAGE_POOL_CREATE_WITH_BUILD) {
                 // Another CPI may have started it between our check and now.
                 if !pool.is_active().unwrap_or(false) {
                     return Err(lv_error(format!("starting storage pool {name}"), e));
@@ -67,8 +73,9 @@ impl Libvirt {
                 }
             },
         };
-        pool.build(0)
-            .map_err(|e| lv_error(format!("building storage pool {name} at {path}"), e))?;
+        // Built and started by `pool` (create with build), never here: a
+        // concurrent CPI may already have started it, and building an active
+        // pool fails.
         pool.set_autostart(true)
             .map_err(|e| lv_error(format!("setting autostart on storage pool {name}"), e))?;
         Ok(pool)

@@ -1,191 +1,271 @@
-//! Volumes a VM owns, in the dedicated pool: the root disk as a thin qcow2
-//! overlay on the stemcell (no copy, whatever the stemcell's size), a sparse
-//! raw ephemeral disk, the config-drive ISO (created and uploaded from
-//! memory), and deleting volumes by name or by name prefix.
+//! Volumes in the dedicated pool, whatever they hold: creating, reading what
+//! libvirt reports about them, growing, copying, deleting.
 //!
-//! Every error says which volume and what was being done; errors a retry may
-//! cure carry `ok_to_retry` (see `classified_error`).
+//! For a `dir` pool libvirt PROBES a volume's format and backing store from
+//! the file's first bytes; for a raw volume those bytes are the guest's, so
+//! callers never trust the probed format over their own record.
+//!
+//! A VM's root disk is a qcow2 overlay whose backing store is the stemcell
+//! volume, named with the stemcell's recorded format (never probed): no copy,
+//! milliseconds whatever the stemcell's size.
 
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
-use virt::stream::Stream;
 
 use super::domain::classified_error;
-use super::xmltree::Element;
-use super::{xml_escape, Libvirt};
+use super::{is_not_found, lv_error, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+pub use crate::image::DiskFormat;
 
-/// What a volume's XML says about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+pub const MIB: u64 = 1 << 20;
+
+/// What libvirt reports about a volume.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct VolumeFacts {
     pub path: String,
-    /// `qcow2`, `raw`, ...
-    pub format: String,
-    /// Virtual size in bytes.
+    /// The probed format (see the module doc).
+    pub format: Option<String>,
     pub capacity: u64,
-    /// Path of the backing store, for overlays.
+    /// Bytes the file really uses on the host.
+    pub allocation: u64,
+    /// Size of the file (libvirt's "physical").
+    pub physical: u64,
     pub backing_path: Option<String>,
+    /// Modification time on the libvirt host, seconds since the epoch.
+    pub mtime: Option<f64>,
 }
 
-impl VolumeFacts {
-    pub fn from_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
-        let root = Element::parse(xml)?;
-        let path = root
-            .at(&["target", "path"])
-            .map(|p| p.text_trimmed().to_string())
-            .ok_or("volume XML has no target path")?;
-        let format = root
-            .at(&["target", "format"])
-            .and_then(|f| f.attr("type"))
-            .unwrap_or("raw")
-            .to_string();
-        let capacity_el = root.child("capacity").ok_or("volume XML has no capacity")?;
-        let capacity = scaled_bytes(capacity_el.text_trimmed(), capacity_el.attr("unit"))?;
-        let backing_path = root
-            .at(&["backingStore", "path"])
-            .map(|p| p.text_trimmed().to_string());
-        Ok(VolumeFacts {
-            path,
-            format,
-            capacity,
-            backing_path,
-        })
-    }
-}
-
-fn scaled_bytes(value: &str, unit: Option<&str>) -> std::result::Result<u64, String> {
-    let n: u64 = value
-        .parse()
-        .map_err(|_| format!("volume size '{value}' is not an integer"))?;
-    let factor: u64 = match unit.unwrap_or("bytes") {
-        "b" | "bytes" => 1,
-        "KiB" | "k" | "K" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        "TiB" | "T" => 1 << 40,
-        other => return Err(format!("unexpected volume size unit '{other}'")),
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("volume size {value} {unit:?} overflows"))
-}
-
-pub fn overlay_xml(name: &str, backing: &VolumeFacts, capacity: u64) -> String {
+fn volume_xml(name: &str, capacity: u64, format: DiskFormat) -> String {
     format!(
         "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-         <target><format type='qcow2'/></target>\
-         <backingStore><path>{}</path><format type='{}'/></backingStore></volume>",
+         <allocation unit='bytes'>0</allocation><target><format type='{}'/>\
+         <permissions><mode>0644</mode></permissions></target></volume>",
         xml_escape(name),
-        xml_escape(&backing.path),
-        xml_escape(&backing.format)
+        format.as_str()
     )
 }
-
-pub fn raw_volume_xml(name: &str, capacity: u64) -> String {
-    format!(
-        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-         <allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>",
-        xml_escape(name)
-    )
-}
-
-/// Upload chunk size: libvirt's RPC messages carry at most 256 KiB of stream data.
-const UPLOAD_CHUNK: usize = 256 * 1024;
 
 impl Libvirt {
-    pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let xml = vol
-            .xml_desc(0)
-            .map_err(|e| classified_error(format!("reading volume {name}"), e))?;
-        VolumeFacts::from_xml(&xml)
-            .map_err(|e| CpiError::cloud(format!("parsing volume {name}: {e}")))
-    }
-
-    /// A qcow2 overlay whose backing store is `backing` (named with its format,
-    /// so the image is never probed), `capacity` bytes large.
-    pub fn create_overlay(
+    /// A new, empty volume (allocation 0: sparse, nothing preallocated).
+    pub fn create_volume(
         &self,
         pool: &StoragePool,
         name: &str,
-        backing: &VolumeFacts,
         capacity: u64,
+        format: DiskFormat,
     ) -> Result<StorageVol> {
-        StorageVol::create_xml(pool, &overlay_xml(name, backing, capacity), 0).map_err(|e| {
-            classified_error(
+        StorageVol::create_xml(pool, &volume_xml(name, capacity, format), 0).map_err(|e| {
+            lv_error(
                 format!(
-                    "creating root overlay {name} on {} ({} bytes)",
-                    backing.path, capacity
+                    "creating {format} volume {name} of {} MiB",
+                    capacity.div_ceil(MIB)
                 ),
                 e,
             )
         })
     }
 
-    /// A sparse raw volume (allocates nothing up front).
-    pub fn create_raw_volume(
+    /// A new volume holding a copy of `from` (libvirt copies raw to raw itself
+    /// and runs `qemu-img convert` otherwise, taking the input format from its
+    /// own probe of `from`: callers check that first).
+    pub fn clone_volume(
         &self,
         pool: &StoragePool,
         name: &str,
+        from: &StorageVol,
+        from_name: &str,
         capacity: u64,
+        format: DiskFormat,
     ) -> Result<StorageVol> {
-        StorageVol::create_xml(pool, &raw_volume_xml(name, capacity), 0).map_err(|e| {
-            classified_error(format!("creating raw volume {name} ({capacity} bytes)"), e)
+        StorageVol::create_xml_from(pool, &volume_xml(name, capacity, format), from, 0).map_err(
+            |e| {
+                lv_error(
+                    format!("copying volume {from_name} to new volume {name}"),
+                    e,
+                )
+            },
+        )
+    }
+
+    /// Format, sizes, backing store and mtime, freshly read from the file
+    /// (libvirt refreshes a volume's facts when its XML is asked for).
+    pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
+        let xml = vol
+            .xml_desc(0)
+            .map_err(|e| lv_error(format!("reading the XML of volume {name}"), e))?;
+        let mut facts = parse_volume_xml(&xml)
+            .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))?;
+        let info = vol
+            .info()
+            .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))?;
+        facts.allocation = info.allocation;
+        let physical = vol
+            .info_flags(virt::sys::VIR_STORAGE_VOL_GET_PHYSICAL)
+            .map_err(|e| lv_error(format!("reading the file size of volume {name}"), e))?;
+        facts.physical = physical.allocation;
+        Ok(facts)
+    }
+
+    pub fn resize_volume(&self, vol: &StorageVol, name: &str, capacity: u64) -> Result<()> {
+        vol.resize(capacity, 0).map_err(|e| {
+            lv_error(
+                format!("growing volume {name} to {} MiB", capacity.div_ceil(MIB)),
+                e,
+            )
         })
     }
 
-    /// Writes `data` into the volume from offset 0 through a libvirt stream,
-    /// so the libvirt host may be remote.
-    pub fn upload_volume(&self, vol: &StorageVol, name: &str, data: &[u8]) -> Result<()> {
-        let doing = || format!("uploading {} bytes to volume {name}", data.len());
-        let stream = Stream::new(self.conn(), 0).map_err(|e| classified_error(doing(), e))?;
-        vol.upload(&stream, 0, data.len() as u64, 0)
-            .map_err(|e| classified_error(doing(), e))?;
-        let mut sent = 0;
-        while sent < data.len() {
-            let end = (sent + UPLOAD_CHUNK).min(data.len());
-            match stream.send(&data[sent..end]) {
-                Ok(n) if n > 0 => sent += n as usize,
-                Ok(_) => {
-                    let _ = stream.abort();
-                    return Err(CpiError::cloud(format!(
-                        "{}: the stream accepted no data",
-                        doing()
-                    )));
-                }
-                Err(e) => {
-                    let _ = stream.abort();
-                    return Err(classified_error(doing(), e));
-                }
-            }
-        }
-        stream.finish().map_err(|e| classified_error(doing(), e))
-    }
-
-    /// Deletes the named volume. Ok(false) when it does not exist.
-    pub fn delete_volume_named(&self, pool: &StoragePool, name: &str) -> Result<bool> {
+    /// Deletes a volume; true if it was there. A volume that vanished in
+    /// between (another process deleted it) counts as deleted.
+    pub fn delete_volume(&self, pool: &StoragePool, name: &str) -> Result<bool> {
         let Some(vol) = self.find_volume(pool, name)? else {
             return Ok(false);
         };
         match vol.delete(0) {
             Ok(()) => Ok(true),
-            Err(e) if super::is_not_found(&e) => Ok(false),
-            Err(e) => Err(classified_error(format!("deleting volume {name}"), e)),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(lv_error(format!("deleting volume {name}"), e)),
         }
     }
 
-    /// Names of the pool's volumes that start with `prefix`, as libvirt knows them.
+    pub fn volume_names(&self, pool: &StoragePool) -> Result<Vec<String>> {
+        pool.list_volumes()
+            .map_err(|e| lv_error("listing the volumes of the storage pool", e))
+    }
+
+    /// Free bytes in the pool. The pool is refreshed first so space used by
+    /// others is counted; a refresh can fail while another CPI builds a volume
+    /// in the pool, and the last known figure is then good enough.
+    pub fn pool_available(&self, pool: &StoragePool) -> Result<u64> {
+        let _ = pool.refresh(0);
+        let info = pool
+            .info()
+            .map_err(|e| lv_error("reading storage pool info", e))?;
+        Ok(info.available)
+    }
+}
+
+/// A qcow2 overlay of `capacity` bytes on the volume at `backing_path`.
+pub fn overlay_xml(
+    name: &str,
+    backing_path: &str,
+    backing_format: DiskFormat,
+    capacity: u64,
+) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+         <target><format type='qcow2'/></target>\
+         <backingStore><path>{}</path><format type='{}'/></backingStore></volume>",
+        xml_escape(name),
+        xml_escape(backing_path),
+        backing_format.as_str()
+    )
+}
+
+impl Libvirt {
+    /// A thin qcow2 overlay on `backing_path`, whose format is given (so the
+    /// backing image is never probed).
+    pub fn create_overlay(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        backing_path: &str,
+        backing_format: DiskFormat,
+        capacity: u64,
+    ) -> Result<StorageVol> {
+        let xml = overlay_xml(name, backing_path, backing_format, capacity);
+        StorageVol::create_xml(pool, &xml, 0).map_err(|e| {
+            classified_error(
+                format!(
+                    "creating root overlay {name} on {backing_path} ({} MiB)",
+                    capacity.div_ceil(MIB)
+                ),
+                e,
+            )
+        })
+    }
+
+    /// A new raw volume holding exactly `data` (the config drive), uploaded
+    /// through libvirt so the host may be remote.
+    pub fn create_volume_with(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        data: &[u8],
+    ) -> Result<StorageVol> {
+        let vol = self.create_volume(pool, name, data.len() as u64, DiskFormat::Raw)?;
+        self.start_upload(&vol, data.len() as u64, false)
+            .and_then(|mut up| {
+                up.send(data)?;
+                up.finish()
+            })
+            .map_err(|e| e.context(format!("writing {} bytes to volume {name}", data.len())))?;
+        Ok(vol)
+    }
+
+    /// Names of the pool's volumes that start with `prefix`.
     pub fn volume_names_with_prefix(
         &self,
         pool: &StoragePool,
         prefix: &str,
     ) -> Result<Vec<String>> {
-        let names = pool
-            .list_volumes()
-            .map_err(|e| classified_error("listing the pool's volumes", e))?;
-        Ok(names
+        Ok(self
+            .volume_names(pool)?
             .into_iter()
             .filter(|n| n.starts_with(prefix))
             .collect())
     }
+}
+
+/// Picks what we need out of a volume's XML.
+pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut stack: Vec<String> = Vec::new();
+    let mut facts = VolumeFacts::default();
+    loop {
+        let event = reader.read_event().map_err(|e| e.to_string())?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                if name == "format" && stack_is(&stack, &["volume", "target"]) {
+                    for a in e.attributes().flatten() {
+                        if a.key.as_ref() == b"type" {
+                            facts.format = Some(String::from_utf8_lossy(&a.value).into_owned());
+                        }
+                    }
+                }
+                // Empty elements have no children and no End event.
+                if matches!(event, Event::Start(_)) {
+                    stack.push(name);
+                }
+            }
+            Event::End(_) => {
+                stack.pop();
+            }
+            Event::Text(t) => {
+                let text = t.unescape().map_err(|e| e.to_string())?.trim().to_string();
+                if stack_is(&stack, &["volume", "capacity"]) {
+                    facts.capacity = text
+                        .parse()
+                        .map_err(|_| format!("capacity '{text}' is not a number"))?;
+                } else if stack_is(&stack, &["volume", "target", "path"]) {
+                    facts.path = text;
+                } else if stack_is(&stack, &["volume", "backingStore", "path"]) {
+                    facts.backing_path = Some(text);
+                } else if stack_is(&stack, &["volume", "target", "timestamps", "mtime"]) {
+                    facts.mtime = text.parse().ok();
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(facts)
+}
+
+fn stack_is(stack: &[String], path: &[&str]) -> bool {
+    stack.len() == path.len() && stack.iter().zip(path).all(|(a, b)| a == b)
 }
 
 #[cfg(test)]
@@ -193,23 +273,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_volume_facts() {
-        let xml = "<volume type='file'><name>sc-1</name><key>/p/sc-1</key>\
-            <capacity unit='bytes'>67108864</capacity><allocation unit='bytes'>1</allocation>\
-            <target><path>/p/sc-1</path><format type='qcow2'/></target></volume>";
-        let f = VolumeFacts::from_xml(xml).unwrap();
-        assert_eq!(f.path, "/p/sc-1");
-        assert_eq!(f.format, "qcow2");
-        assert_eq!(f.capacity, 64 << 20);
-        assert_eq!(f.backing_path, None);
-        let ov = overlay_xml("vm-1-root", &f, 128 << 20);
-        let back =
-            VolumeFacts::from_xml(&ov.replace("<target>", "<target><path>/p/vm-1-root</path>"))
-                .unwrap();
-        assert_eq!(back.backing_path.as_deref(), Some("/p/sc-1"));
-        assert_eq!(back.capacity, 128 << 20);
-        assert!(ov.contains("<format type='qcow2'/></backingStore>"));
-        assert_eq!(scaled_bytes("2", Some("GiB")).unwrap(), 2 << 30);
-        assert!(scaled_bytes("1", Some("PiB")).is_err());
+    fn volume_xml_facts() {
+        let xml = "<volume type='file'>\n  <name>vm-1-root</name>\n  <capacity unit='bytes'>1073741824</capacity>\n  <allocation unit='bytes'>200704</allocation>\n  <target>\n    <path>/pool/vm-1-root</path>\n    <format type='qcow2'/>\n    <timestamps>\n      <atime>1795372300.888159534</atime>\n      <mtime>1795372300.924159532</mtime>\n    </timestamps>\n  </target>\n  <backingStore>\n    <path>/pool/sc-x</path>\n    <format type='qcow2'/>\n  </backingStore>\n</volume>\n";
+        let f = parse_volume_xml(xml).unwrap();
+        assert_eq!(f.path, "/pool/vm-1-root");
+        assert_eq!(f.format.as_deref(), Some("qcow2"));
+        assert_eq!(f.capacity, 1 << 30);
+        assert_eq!(f.backing_path.as_deref(), Some("/pool/sc-x"));
+        assert!((f.mtime.unwrap() - 1_795_372_300.924).abs() < 0.001);
+        let f = parse_volume_xml(
+            "<volume><capacity>5</capacity><target><format type='raw'/></target></volume>",
+        )
+        .unwrap();
+        assert_eq!((f.capacity, f.backing_path, f.mtime), (5, None, None));
+        assert!(parse_volume_xml("<volume><capacity>x</capacity></volume>").is_err());
+    }
+
+    #[test]
+    fn overlays_name_their_backing_format() {
+        let xml = overlay_xml("vm-1-root", "/p/sc-1", DiskFormat::Raw, 128 << 20);
+        let f = parse_volume_xml(&xml.replace("<target>", "<target><path>/p/vm-1-root</path>"))
+            .unwrap();
+        assert_eq!(f.format.as_deref(), Some("qcow2"));
+        assert_eq!(f.backing_path.as_deref(), Some("/p/sc-1"));
+        assert_eq!(f.capacity, 128 << 20);
+        assert!(xml.contains("<format type='raw'/></backingStore>"), "{xml}");
+    }
+
+    #[test]
+    fn the_format_is_the_targets_not_the_backing_stores() {
+        let xml = "<volume type='file'><name>d</name><target><path>/p/d</path>\
+                   <format type='qcow2'/></target><backingStore><path>/etc/hostname</path>\
+                   <format type='raw'/></backingStore></volume>";
+        let f = parse_volume_xml(xml).unwrap();
+        assert_eq!(f.format.as_deref(), Some("qcow2"));
+        assert_eq!(f.backing_path.as_deref(), Some("/etc/hostname"));
+        let plain = "<volume><target><format type='raw'/></target><backingStore/></volume>";
+        let f = parse_volume_xml(plain).unwrap();
+        assert_eq!((f.format.as_deref(), f.backing_path), (Some("raw"), None));
     }
 }

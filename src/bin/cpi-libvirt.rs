@@ -1,0 +1,14 @@
+//! `cpi-libvirt <config.json>`: the half of the CPI that talks to libvirt.
+//! The `cpi` front executable execs it for every request that needs libvirt;
+//! it reads the same request from stdin and writes the one response.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let config_path = std::env::args_os().nth(1).map(PathBuf::from);
+    let mut input = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut input).map(|_| input);
+    libvirt_cpi::run(config_path.as_deref(), read).write_to_stdout()
+}

@@ -1,0 +1,591 @@
+//! Persistent-disk methods (cpi-contract.md 2.4, 4.5, 6): create_disk,
+//! delete_disk, has_disk, attach_disk, detach_disk, get_disks, resize_disk,
+//! update_disk, set_disk_metadata.
+//!
+//! A disk is the pool volume named exactly by its CID (`disk-` + 15 hex, the
+//! 20 bytes of a virtio serial a guest sees), with two sidecar volumes:
+//! `<cid>.meta`, the CPI's own record written once by create_disk (above all
+//! the disk's format: for a `dir` pool libvirt PROBES formats from the first
+//! bytes of the file, which for a raw disk the guest writes), and `<cid>.tags`,
+//! the director's metadata, replaced by each set_disk_metadata.
+//! Where a disk is attached is read from the domains' XML (its `<serial>` or
+//! source path), never stored anywhere else.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::snapshot;
+use super::Call;
+use crate::cid;
+use crate::error::{CpiError, ErrorKind, Result};
+use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
+use crate::libvirt::volume::{DiskFormat, VolumeFacts, MIB};
+use crate::method::Object;
+
+/// How long detach_disk waits for the guest to release a hot-plugged disk.
+/// The director retries a failed detach, and the request stays pending meanwhile.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// cloud_properties keys create_disk understands.
+const KNOWN_CLOUD_PROPERTIES: &[&str] = &["format", "source_snapshot"];
+
+pub(super) fn meta_name(disk_cid: &str) -> String {
+    format!("{disk_cid}.meta")
+}
+
+fn tags_name(disk_cid: &str) -> String {
+    format!("{disk_cid}.tags")
+}
+
+/// A disk volume as found in the pool.
+pub(super) struct Disk {
+    pub cid: String,
+    pub vol: StorageVol,
+    pub facts: VolumeFacts,
+}
+
+impl Disk {
+    pub fn dref<'a>(&'a self, pool_name: &'a str) -> DiskRef<'a> {
+        DiskRef {
+            cid: &self.cid,
+            path: Some(&self.facts.path),
+            pool: pool_name,
+        }
+    }
+}
+
+/// The disk volume of a CID; `None` for an absent disk or a string that is not
+/// a disk CID at all (so hostile input never names some other volume).
+pub(super) fn find_disk(
+    call: &mut Call,
+    pool: &StoragePool,
+    disk_cid: &str,
+) -> Result<Option<Disk>> {
+    if !cid::is_disk_cid(disk_cid) {
+        return Ok(None);
+    }
+    let lv = call.libvirt()?;
+    let Some(vol) = lv.find_volume(pool, disk_cid)? else {
+        return Ok(None);
+    };
+    let facts = lv.volume_facts(&vol, disk_cid)?;
+    Ok(Some(Disk {
+        cid: disk_cid.to_string(),
+        vol,
+        facts,
+    }))
+}
+
+/// The format the disk was created with, from its `.meta` record. Without a
+/// record only a volume that libvirt probes as raw is usable (as raw): a
+/// qcow2 header in a disk without a record may have been written by a guest
+/// into a raw disk, and reading it as qcow2 could expose host files.
+pub(super) fn recorded_format(
+    call: &mut Call,
+    pool: &StoragePool,
+    disk: &Disk,
+) -> Result<DiskFormat> {
+    let meta = meta_name(&disk.cid);
+    match call.libvirt()?.read_json_volume(pool, &meta)? {
+        Some(record) => record
+            .get("format")
+            .and_then(Value::as_str)
+            .and_then(DiskFormat::parse)
+            .ok_or_else(|| {
+                CpiError::cloud(format!(
+                    "{meta}: the disk's record has no valid \"format\" (qcow2 or raw): {record}"
+                ))
+            }),
+        None if disk.facts.format.as_deref() == Some("raw") => {
+            call.log.warn(format!(
+                "{}: no record {meta}; using the volume as raw, as libvirt probes it",
+                disk.cid
+            ));
+            Ok(DiskFormat::Raw)
+        }
+        None => Err(CpiError::cloud(format!(
+            "{}: the record {meta} of the disk's format is missing and libvirt probes the \
+             volume as {}; refusing to guess (a raw disk's first bytes are written by its guest). \
+             An operator who knows the format can recreate the record as a raw volume holding \
+             {{\"format\":\"qcow2\"}} or {{\"format\":\"raw\"}}",
+            disk.cid,
+            disk.facts.format.as_deref().unwrap_or("unknown")
+        ))),
+    }
+}
+
+/// The recorded format, checked against libvirt's own view before an
+/// operation where libvirt reads or rewrites the image itself (copy, resize):
+/// libvirt then trusts its probe, so the two must agree.
+pub(super) fn checked_format(
+    call: &mut Call,
+    pool: &StoragePool,
+    disk: &Disk,
+) -> Result<DiskFormat> {
+    let format = recorded_format(call, pool, disk)?;
+    let probed = disk.facts.format.as_deref().unwrap_or("unknown");
+    if probed != format.as_str() || disk.facts.backing_path.is_some() {
+        return Err(CpiError::cloud(format!(
+            "{}: the disk was created as {} but libvirt now probes it as {probed}{}; refusing to \
+             let libvirt process it (a guest can write an image header into a raw disk)",
+            disk.cid,
+            format.as_str(),
+            disk.facts
+                .backing_path
+                .as_deref()
+                .map(|b| format!(" with backing store {b}"))
+                .unwrap_or_default()
+        )));
+    }
+    Ok(format)
+}
+
+fn attached_elsewhere(disk_cid: &str, holder: &Holder, doing: &str) -> CpiError {
+    CpiError::cloud(format!(
+        "disk {disk_cid} is attached to VM {}: {doing}",
+        holder.domain
+    ))
+}
+
+pub fn create_disk(
+    call: &mut Call,
+    size_mib: u64,
+    cloud_properties: &Object,
+    vm_locality: Option<&str>,
+) -> Result<Value> {
+    let unknown: Vec<&str> = cloud_properties
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !KNOWN_CLOUD_PROPERTIES.contains(k))
+        .collect();
+    if !unknown.is_empty() {
+        call.log.warn(format!(
+            "ignoring unknown disk cloud_properties: {}",
+            unknown.join(", ")
+        ));
+    }
+    let format = match cloud_properties.get("format") {
+        None | Some(Value::Null) => DiskFormat::Qcow2,
+        Some(Value::String(s)) => DiskFormat::parse(s).ok_or_else(|| {
+            CpiError::cloud(format!(
+                "cloud_properties.format must be \"qcow2\" or \"raw\", got \"{s}\""
+            ))
+        })?,
+        Some(other) => {
+            return Err(CpiError::cloud(format!(
+                "cloud_properties.format must be \"qcow2\" or \"raw\", got {other}"
+            )))
+        }
+    };
+    let source_snapshot = match cloud_properties.get("source_snapshot") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(other) => {
+            return Err(CpiError::cloud(format!(
+                "cloud_properties.source_snapshot must be a snapshot CID, got {other}"
+            )))
+        }
+    };
+    if let Some(vm) = vm_locality {
+        // One libvirt host, one pool: every disk is local to every VM.
+        call.log
+            .debug(format!("locality hint {vm} (all disks share one pool)"));
+    }
+
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    let capacity = size_mib.checked_mul(MIB).ok_or_else(|| {
+        CpiError::new(
+            ErrorKind::NoDiskSpace,
+            format!("a {size_mib} MiB disk is too large"),
+        )
+    })?;
+    let available = call.libvirt()?.pool_available(&pool)?;
+    if capacity > available {
+        return Err(CpiError::new(
+            ErrorKind::NoDiskSpace,
+            format!(
+                "cannot create a {size_mib} MiB disk: storage pool {} has {} MiB free",
+                cfg.pool.name,
+                available / MIB
+            ),
+        ));
+    }
+
+    let disk_cid = cid::new_disk_cid();
+    let vol = match source_snapshot {
+        None => call
+            .libvirt()?
+            .create_volume(&pool, &disk_cid, capacity, format)?,
+        Some(snap_cid) => {
+            let snap = snapshot::find_snapshot(call, &pool, snap_cid)?.ok_or_else(|| {
+                CpiError::cloud(format!(
+                    "cloud_properties.source_snapshot: snapshot {snap_cid} not found"
+                ))
+            })?;
+            if snap.facts.capacity > capacity {
+                return Err(CpiError::cloud(format!(
+                    "snapshot {snap_cid} holds {} MiB, more than the {size_mib} MiB disk asked for",
+                    snap.facts.capacity.div_ceil(MIB)
+                )));
+            }
+            let lv = call.libvirt()?;
+            let vol = lv.clone_volume(&pool, &disk_cid, &snap.vol, snap_cid, capacity, format)?;
+            // A copy may come out the snapshot's size, whatever was asked.
+            let grown = lv.volume_facts(&vol, &disk_cid).and_then(|f| {
+                if f.capacity < capacity {
+                    lv.resize_volume(&vol, &disk_cid, capacity)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = grown {
+                let _ = lv.delete_volume(&pool, &disk_cid);
+                return Err(e);
+            }
+            vol
+        }
+    };
+    drop(vol);
+    let mut record = json!({
+        "format": format.as_str(),
+        "size_mib": size_mib,
+        "created_at": crate::log::timestamp(),
+    });
+    if let Some(s) = source_snapshot {
+        record["source_snapshot"] = json!(s);
+    }
+    let lv = call.libvirt()?;
+    if let Err(e) = lv.write_json_volume(&pool, &meta_name(&disk_cid), &record) {
+        // Without its record the disk is not usable: leave nothing behind.
+        let _ = lv.delete_volume(&pool, &meta_name(&disk_cid));
+        let _ = lv.delete_volume(&pool, &disk_cid);
+        return Err(e.context(format!("recording disk {disk_cid}")));
+    }
+    call.log.summary(format!(
+        "created {size_mib} MiB {} disk {disk_cid}{}",
+        format.as_str(),
+        source_snapshot
+            .map(|s| format!(" from snapshot {s}"))
+            .unwrap_or_default()
+    ));
+    Ok(Value::String(disk_cid))
+}
+
+pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
+    if !cid::is_disk_cid(disk_cid) {
+        return Ok(Value::Bool(false));
+    }
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    let found = call.libvirt()?.find_volume(&pool, disk_cid)?.is_some();
+    Ok(Value::Bool(found))
+}
+
+pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
+    if !cid::is_disk_cid(disk_cid) {
+        call.log
+            .info(format!("{disk_cid} is not a disk CID: nothing to delete"));
+        return Ok(Value::Null);
+    }
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    match find_disk(call, &pool, disk_cid)? {
+        Some(disk) => {
+            let holders = call.libvirt()?.disk_holders(&disk.dref(&cfg.pool.name))?;
+            if let Some(h) = holders.first() {
+                return Err(attached_elsewhere(
+                    disk_cid,
+                    h,
+                    "refusing to delete it (detach it first)",
+                ));
+            }
+            call.libvirt()?.delete_volume(&pool, disk_cid)?;
+            call.log.summary(format!("deleted disk {disk_cid}"));
+        }
+        None => call
+            .log
+            .info(format!("disk {disk_cid} does not exist: nothing to delete")),
+    }
+    // Sidecars go last, and also when the disk itself was already gone (a
+    // previous attempt may have stopped half-way).
+    let lv = call.libvirt()?;
+    lv.delete_volume(&pool, &tags_name(disk_cid))?;
+    lv.delete_volume(&pool, &meta_name(disk_cid))?;
+    Ok(Value::Null)
+}
+
+pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Value> {
+    if !cid::is_vm_cid(vm_cid) {
+        return Err(CpiError::vm_not_found(vm_cid));
+    }
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    let domain = call
+        .libvirt()?
+        .find_domain(vm_cid)?
+        .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
+    let disk =
+        find_disk(call, &pool, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
+    let format = recorded_format(call, &pool, &disk)?;
+    let r = disk.dref(&cfg.pool.name);
+
+    let holders = call.libvirt()?.disk_holders(&r)?;
+    if let Some(other) = holders.iter().find(|h| h.domain != vm_cid) {
+        return Err(attached_elsewhere(
+            disk_cid,
+            other,
+            &format!("cannot attach it to VM {vm_cid} too"),
+        ));
+    }
+    let disks = match holders.into_iter().find(|h| h.domain == vm_cid) {
+        Some(h) => h.disks,
+        None => call
+            .libvirt()?
+            .domain_disks(&domain, vm_cid)?
+            .ok_or_else(|| CpiError::vm_not_found(vm_cid))?,
+    };
+    // Already attached (fully or half: a previous attempt may have stopped
+    // between the live and the persistent step): keep its target.
+    let target = match disks.live_ref(&r).or(disks.config_ref(&r)) {
+        Some(d) => d.target.clone(),
+        None => next_free_target(&disks.used_targets()),
+    };
+    let xml = disk_device_xml(&disk.facts.path, format, &target, disk_cid);
+    let need_live = disks.running && disks.live_ref(&r).is_none();
+    let need_config = disks.config_ref(&r).is_none();
+    if need_live || need_config {
+        let lv = call.libvirt()?;
+        match lv.attach_disk_device(&domain, vm_cid, &xml, need_live, need_config) {
+            Ok(()) => {}
+            // The domain may have stopped since we looked: then its persistent
+            // definition is all there is to change.
+            Err(e) if need_live && need_config && !domain.is_active().unwrap_or(true) => {
+                call.log
+                    .info(format!("{vm_cid} is no longer running ({e})"));
+                call.libvirt()?
+                    .attach_disk_device(&domain, vm_cid, &xml, false, true)?;
+            }
+            Err(e) => return Err(e),
+        }
+        // Two attaches of one disk to two VMs at the same moment both see it
+        // free; the later one to look again backs out.
+        let holders = call.libvirt()?.disk_holders(&r)?;
+        if let Some(other) = holders.iter().find(|h| h.domain != vm_cid) {
+            let msg = attached_elsewhere(
+                disk_cid,
+                other,
+                &format!(
+                    "it was attached there while being attached to VM {vm_cid}, which was undone"
+                ),
+            );
+            undo_attach(call, vm_cid, disk_cid, &pool, need_live)?;
+            return Err(msg);
+        }
+        call.log.summary(format!(
+            "attached disk {disk_cid} to {vm_cid} as {target} ({})",
+            if disks.running {
+                "hot-plugged"
+            } else {
+                "VM not running: persistent definition only"
+            }
+        ));
+    } else {
+        call.log.summary(format!(
+            "disk {disk_cid} is already attached to {vm_cid} as {target}"
+        ));
+    }
+    if call.request.wants_v1_shapes() {
+        return Ok(Value::Null);
+    }
+    Ok(json!({"path": format!("/dev/{target}")}))
+}
+
+/// Backs out an attach that lost a race (see attach_disk).
+fn undo_attach(
+    call: &mut Call,
+    vm_cid: &str,
+    disk_cid: &str,
+    pool: &StoragePool,
+    was_live: bool,
+) -> Result<()> {
+    let cfg = call.config;
+    let Some(domain) = call.libvirt()?.find_domain(vm_cid)? else {
+        return Ok(());
+    };
+    let Some(disk) = find_disk(call, pool, disk_cid)? else {
+        return Ok(());
+    };
+    let r = disk.dref(&cfg.pool.name);
+    let lv = call.libvirt()?;
+    let Some(disks) = lv.domain_disks(&domain, vm_cid)? else {
+        return Ok(());
+    };
+    if was_live {
+        if let Some(dev) = disks.live_ref(&r) {
+            lv.detach_disk_live(&domain, vm_cid, dev, &r, DETACH_TIMEOUT)?;
+        }
+    }
+    if let Some(dev) = disks.config_ref(&r) {
+        lv.detach_disk_config(&domain, vm_cid, dev)?;
+    }
+    Ok(())
+}
+
+pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Value> {
+    let not_attached = || {
+        CpiError::new(
+            ErrorKind::DiskNotAttached,
+            format!("{disk_cid} is not attached to {vm_cid}"),
+        )
+    };
+    if !cid::is_vm_cid(vm_cid) || !cid::is_disk_cid(disk_cid) {
+        return Err(not_attached());
+    }
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    let Some(domain) = call.libvirt()?.find_domain(vm_cid)? else {
+        return Err(not_attached());
+    };
+    // The volume may be gone while a domain still refers to it: then the
+    // serial is all there is to recognise it by.
+    let disk = find_disk(call, &pool, disk_cid)?;
+    let r = match &disk {
+        Some(d) => d.dref(&cfg.pool.name),
+        None => DiskRef {
+            cid: disk_cid,
+            path: None,
+            pool: &cfg.pool.name,
+        },
+    };
+    let lv = call.libvirt()?;
+    let Some(disks) = lv.domain_disks(&domain, vm_cid)? else {
+        return Err(not_attached());
+    };
+    let live = disks.live_ref(&r).cloned();
+    let config = disks.config_ref(&r).cloned();
+    if live.is_none() && config.is_none() {
+        return Err(not_attached());
+    }
+    if let Some(dev) = &live {
+        lv.detach_disk_live(&domain, vm_cid, dev, &r, DETACH_TIMEOUT)?;
+    }
+    if let Some(dev) = &config {
+        lv.detach_disk_config(&domain, vm_cid, dev)?;
+    }
+    let target = live.or(config).map(|d| d.target).unwrap_or_default();
+    call.log
+        .summary(format!("detached disk {disk_cid} ({target}) from {vm_cid}"));
+    Ok(Value::Null)
+}
+
+pub fn get_disks(call: &mut Call, vm_cid: &str) -> Result<Value> {
+    if !cid::is_vm_cid(vm_cid) {
+        return Err(CpiError::vm_not_found(vm_cid));
+    }
+    let lv = call.libvirt()?;
+    let domain = lv
+        .find_domain(vm_cid)?
+        .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
+    let disks = lv
+        .domain_disks(&domain, vm_cid)?
+        .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
+    // Only devices whose serial is a disk CID: never the root, ephemeral or
+    // config drive, whatever their position.
+    let mut cids: Vec<String> = Vec::new();
+    for d in disks.live.iter().chain(&disks.config) {
+        if let Some(s) = &d.serial {
+            if cid::is_disk_cid(s) && !cids.contains(s) {
+                cids.push(s.clone());
+            }
+        }
+    }
+    Ok(json!(cids))
+}
+
+pub fn resize_disk(call: &mut Call, disk_cid: &str, new_size_mib: u64) -> Result<Value> {
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    let disk =
+        find_disk(call, &pool, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
+    let current = disk.facts.capacity;
+    let wanted = new_size_mib.checked_mul(MIB).ok_or_else(|| {
+        CpiError::new(
+            ErrorKind::NoDiskSpace,
+            format!("{new_size_mib} MiB is too large"),
+        )
+    })?;
+    if wanted < current {
+        return Err(CpiError::not_supported(format!(
+            "{disk_cid}: shrinking from {} to {new_size_mib} MiB is not supported",
+            current.div_ceil(MIB)
+        )));
+    }
+    if wanted == current {
+        call.log.summary(format!(
+            "disk {disk_cid} already has {new_size_mib} MiB: nothing to do"
+        ));
+        return Ok(Value::Null);
+    }
+    // The director detaches before resizing; growing under a running guest
+    // would need a block resize and the guest to notice.
+    let holders = call.libvirt()?.disk_holders(&disk.dref(&cfg.pool.name))?;
+    if let Some(h) = holders.first() {
+        return Err(attached_elsewhere(
+            disk_cid,
+            h,
+            "refusing to resize it while attached (detach it first)",
+        ));
+    }
+    checked_format(call, &pool, &disk)?;
+    let lv = call.libvirt()?;
+    // The same rule as create_disk: the growth must fit in the pool's free
+    // space, even though the volume stays thin.
+    let available = lv.pool_available(&pool)?;
+    if wanted - current > available {
+        return Err(CpiError::new(
+            ErrorKind::NoDiskSpace,
+            format!(
+                "cannot grow disk {disk_cid} to {new_size_mib} MiB: storage pool {} has {} MiB free",
+                cfg.pool.name,
+                available / MIB
+            ),
+        ));
+    }
+    lv.resize_volume(&disk.vol, disk_cid, wanted)?;
+    call.log.summary(format!(
+        "grew disk {disk_cid} from {} to {new_size_mib} MiB",
+        current.div_ceil(MIB)
+    ));
+    Ok(Value::Null)
+}
+
+/// The director then falls back to creating a new disk and copying the data,
+/// which is always right; an in-place change of format or pool is not.
+pub fn update_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
+    call.log.info(format!(
+        "update_disk {disk_cid}: not supported, the director copies to a new disk instead"
+    ));
+    Err(CpiError::not_supported("update_disk is not supported"))
+}
+
+pub fn set_disk_metadata(call: &mut Call, disk_cid: &str, metadata: &Object) -> Result<Value> {
+    let cfg = call.config;
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    if find_disk(call, &pool, disk_cid)?.is_none() {
+        return Err(CpiError::disk_not_found(disk_cid));
+    }
+    let doc = json!({"metadata": metadata, "updated_at": crate::log::timestamp()});
+    call.libvirt()?
+        .write_json_volume(&pool, &tags_name(disk_cid), &doc)
+        .map_err(|e| e.context(format!("storing metadata of disk {disk_cid}")))?;
+    call.log.summary(format!(
+        "stored {} metadata keys of disk {disk_cid} in volume {}",
+        metadata.len(),
+        tags_name(disk_cid)
+    ));
+    Ok(Value::Null)
+}

@@ -1,0 +1,774 @@
+//! Stemcell root disks judged from their bytes: which format (qcow2 or raw),
+//! what capacity the volume needs, and whether the image is safe to hand to
+//! QEMU. Pure logic, no I/O: `archive` (below) reads the image file.
+//!
+//! A qcow2 image is refused when QEMU would read anything but the image itself
+//! (a backing file, an external data file), when it cannot be used without a
+//! key (encryption), when it carries an incompatible feature we do not know,
+//! and when its header or tables point past the end of the image (truncated
+//! or corrupt). The header checks need only the first cluster, so they run
+//! before any volume exists; `Qcow2Walk` checks the L1 and L2 tables while the
+//! bytes stream past on their way to libvirt.
+
+pub mod archive;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// The most bytes `inspect` needs to see: a qcow2 header and its extensions
+/// live in the first cluster, and clusters are at most 2 MiB.
+pub const PREFIX_LEN: usize = 2 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+
+    /// The stemcell manifest's `cloud_properties.disk_format`.
+    pub fn parse(s: &str) -> Option<DiskFormat> {
+        match s {
+            "qcow2" => Some(DiskFormat::Qcow2),
+            "raw" => Some(DiskFormat::Raw),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the root disk is, as far as its header tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootImage {
+    pub format: DiskFormat,
+    /// Bytes of the image file (what is uploaded).
+    pub image_size: u64,
+    /// The disk size a guest sees: the volume's capacity.
+    pub virtual_size: u64,
+    pub qcow2: Option<Qcow2Header>,
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Judges the image from its first bytes. `prefix` holds the first
+/// `min(PREFIX_LEN, image_size)` bytes; `image_size` is the whole image's.
+pub fn inspect(prefix: &[u8], image_size: u64) -> Result<RootImage, String> {
+    if image_size == 0 {
+        return Err("root.img is empty".into());
+    }
+    if prefix.starts_with(QCOW2_MAGIC) {
+        let header = Qcow2Header::parse(prefix, image_size)?;
+        return Ok(RootImage {
+            format: DiskFormat::Qcow2,
+            image_size,
+            virtual_size: header.size,
+            qcow2: Some(header),
+        });
+    }
+    if let Some(other) = foreign_format(prefix) {
+        return Err(format!(
+            "root.img is a {other} image; only qcow2 and raw stemcells are supported"
+        ));
+    }
+    Ok(RootImage {
+        format: DiskFormat::Raw,
+        image_size,
+        virtual_size: image_size,
+        qcow2: None,
+    })
+}
+
+/// Image formats QEMU (or libvirt's format probing) would recognise, which a
+/// raw stemcell must therefore not look like.
+fn foreign_format(p: &[u8]) -> Option<&'static str> {
+    let at = |off: usize, magic: &[u8]| p.get(off..off + magic.len()) == Some(magic);
+    if at(0, b"QFI\xfd") {
+        Some("QED")
+    } else if at(0, b"QFI") {
+        Some("qcow (version 1)")
+    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") || at(0, b"COWD") {
+        Some("VMDK")
+    } else if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) {
+        Some("VDI")
+    } else if at(0, b"vhdxfile") {
+        Some("VHDX")
+    } else if at(0, b"conectix") {
+        Some("VHD")
+    } else if at(0, b"LUKS\xba\xbe") {
+        Some("LUKS-encrypted")
+    } else if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
+        Some("Parallels")
+    } else if at(0, b"Bochs Virtual HD Image") {
+        Some("Bochs")
+    } else if at(0, b"#!/bin/sh\n#V2.0 Format") {
+        Some("cloop")
+    } else {
+        None
+    }
+}
+
+/// Incompatible feature bits (qcow2 spec, "incompatible_features").
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+const INCOMPAT_EXTL2: u64 = 1 << 4;
+const INCOMPAT_KNOWN_SAFE: u64 = INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+
+/// Header extension types that make QEMU read more than the image.
+const EXT_END: u32 = 0;
+const EXT_CRYPTO: u32 = 0x0537_be77;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Host offsets in L1/L2 entries (bits 9..55).
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2_COMPRESSED: u64 = 1 << 62;
+/// QEMU's own limit on the L1 table (QCOW_MAX_L1_SIZE).
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    /// Virtual size in bytes.
+    pub size: u64,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub incompatible_features: u64,
+    pub header_length: u32,
+}
+
+fn be32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_be_bytes(a)
+}
+
+fn be64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Qcow2Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_entry_size(&self) -> u64 {
+        if self.incompatible_features & INCOMPAT_EXTL2 != 0 {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Parses and checks the header. `p` is the image's first
+    /// `min(PREFIX_LEN, image_size)` bytes.
+    pub fn parse(p: &[u8], image_size: u64) -> Result<Qcow2Header, String> {
+        let corrupt = |what: String| format!("corrupt qcow2 image: {what}");
+        if p.len() < 72 {
+            return Err(format!(
+                "truncated qcow2 image: {} bytes, shorter than a qcow2 header",
+                p.len()
+            ));
+        }
+        let version = be32(p, 4);
+        if version != 2 && version != 3 {
+            return Err(format!(
+                "unsupported qcow2 version {version} (only 2 and 3 exist)"
+            ));
+        }
+        let backing_file_offset = be64(p, 8);
+        let backing_file_size = be32(p, 16);
+        let cluster_bits = be32(p, 20);
+        let size = be64(p, 24);
+        let crypt_method = be32(p, 32);
+        let l1_size = be32(p, 36);
+        let l1_table_offset = be64(p, 40);
+        let refcount_table_offset = be64(p, 48);
+        let refcount_table_clusters = be32(p, 56);
+        let nb_snapshots = be32(p, 60);
+        let snapshots_offset = be64(p, 64);
+
+        let (incompatible_features, refcount_order, header_length) = if version == 3 {
+            if p.len() < 104 {
+                return Err(format!(
+                    "truncated qcow2 image: {} bytes, shorter than a version 3 header",
+                    p.len()
+                ));
+            }
+            (be64(p, 72), be32(p, 96), be32(p, 100))
+        } else {
+            (0, 4, 72)
+        };
+
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(corrupt(format!(
+                "cluster_bits {cluster_bits} outside 9..21"
+            )));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        if version == 3 && (header_length < 104 || header_length % 8 != 0) {
+            return Err(corrupt(format!("header_length {header_length}")));
+        }
+        if u64::from(header_length) > cluster_size {
+            return Err(corrupt(format!(
+                "header_length {header_length} larger than a cluster ({cluster_size})"
+            )));
+        }
+
+        // What would make QEMU read something other than this image.
+        if backing_file_offset != 0 || backing_file_size != 0 {
+            let name = usize::try_from(backing_file_offset)
+                .ok()
+                .and_then(|o| p.get(o..o.checked_add(backing_file_size as usize)?))
+                .map(|b| format!(" '{}'", String::from_utf8_lossy(b)))
+                .unwrap_or_default();
+            return Err(format!(
+                "qcow2 image has a backing file{name}: a stemcell must be self-contained"
+            ));
+        }
+        if incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(
+                "qcow2 image keeps its data in an external data file: a stemcell must be self-contained"
+                    .into(),
+            );
+        }
+        match crypt_method {
+            0 => {}
+            1 => {
+                return Err("qcow2 image is encrypted (AES): a stemcell must not need a key".into())
+            }
+            2 => {
+                return Err(
+                    "qcow2 image is encrypted (LUKS): a stemcell must not need a key".into(),
+                )
+            }
+            m => return Err(format!("qcow2 image is encrypted (unknown method {m})")),
+        }
+        if incompatible_features & INCOMPAT_CORRUPT != 0 {
+            return Err("qcow2 image is marked corrupt by QEMU".into());
+        }
+        if incompatible_features & INCOMPAT_DIRTY != 0 {
+            return Err(
+                "qcow2 image is marked dirty (its refcounts may be inconsistent; repair it with qemu-img check -r all)"
+                    .into(),
+            );
+        }
+        let unknown = incompatible_features
+            & !(INCOMPAT_KNOWN_SAFE | INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE);
+        if unknown != 0 {
+            return Err(format!(
+                "qcow2 image uses unknown incompatible features (bits {unknown:#x})"
+            ));
+        }
+        if version == 3 && header_length > 104 {
+            let compression_type = p.get(104).copied().unwrap_or(0);
+            if compression_type > 1 {
+                return Err(format!(
+                    "qcow2 image uses unknown compression type {compression_type}"
+                ));
+            }
+            if compression_type != 0 && incompatible_features & INCOMPAT_COMPRESSION == 0 {
+                return Err(corrupt(
+                    "compression type set without its feature bit".into(),
+                ));
+            }
+        }
+        check_extensions(p, header_length as usize, cluster_size, image_size)?;
+
+        if refcount_order > 6 {
+            return Err(corrupt(format!("refcount_order {refcount_order}")));
+        }
+        if size == 0 {
+            return Err(corrupt("virtual size is 0".into()));
+        }
+        let header = Qcow2Header {
+            version,
+            cluster_bits,
+            size,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            incompatible_features,
+            header_length,
+        };
+
+        // Tables must fit in the image: a cut-off image fails here first.
+        let l1_bytes = u64::from(l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(corrupt(format!(
+                "L1 table of {l1_size} entries is too large"
+            )));
+        }
+        let l2_entries = cluster_size / header.l2_entry_size();
+        let needed_l1 = size.div_ceil(cluster_size * l2_entries);
+        if u64::from(l1_size) < needed_l1 {
+            return Err(corrupt(format!(
+                "L1 table of {l1_size} entries is too small for a virtual size of {size} bytes"
+            )));
+        }
+        let within = |what: &str, offset: u64, len: u64| -> Result<(), String> {
+            if !offset.is_multiple_of(cluster_size) {
+                return Err(corrupt(format!(
+                    "{what} at offset {offset} is not cluster-aligned"
+                )));
+            }
+            match offset.checked_add(len) {
+                Some(end) if end <= image_size => Ok(()),
+                _ => Err(format!(
+                    "truncated qcow2 image: its {what} ({offset}+{len}) lies beyond the end of the image ({image_size} bytes)"
+                )),
+            }
+        };
+        if l1_size > 0 {
+            within("L1 table", l1_table_offset, l1_bytes)?;
+        }
+        if refcount_table_clusters == 0 {
+            return Err(corrupt("no refcount table".into()));
+        }
+        within(
+            "refcount table",
+            refcount_table_offset,
+            u64::from(refcount_table_clusters) * cluster_size,
+        )?;
+        if nb_snapshots > 0 {
+            within("snapshot table", snapshots_offset, 1)?;
+        }
+        Ok(header)
+    }
+}
+
+/// Walks the header extensions (from the end of the header to the end of the
+/// first cluster, as QEMU does).
+fn check_extensions(
+    p: &[u8],
+    mut at: usize,
+    cluster_size: u64,
+    image_size: u64,
+) -> Result<(), String> {
+    let end = usize::try_from(cluster_size.min(image_size)).unwrap_or(usize::MAX);
+    while at + 8 <= end {
+        if at + 8 > p.len() {
+            return Err("truncated qcow2 image: header extensions cut off".into());
+        }
+        let kind = be32(p, at);
+        let len = be32(p, at + 4) as usize;
+        match kind {
+            EXT_END => return Ok(()),
+            EXT_CRYPTO => {
+                return Err(
+                    "qcow2 image carries a disk encryption header: a stemcell must not need a key"
+                        .into(),
+                )
+            }
+            EXT_DATA_FILE => {
+                let name = p
+                    .get(at + 8..at + 8 + len)
+                    .map(|b| format!(" '{}'", String::from_utf8_lossy(b)))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "qcow2 image names an external data file{name}: a stemcell must be self-contained"
+                ));
+            }
+            _ => {}
+        }
+        at = at
+            .checked_add(8 + len.div_ceil(8) * 8)
+            .ok_or("corrupt qcow2 image: header extension length overflows")?;
+    }
+    if at > end {
+        return Err("corrupt qcow2 image: header extensions run past the first cluster".into());
+    }
+    Ok(())
+}
+
+/// Checks a qcow2 image's L1 and L2 tables while its bytes stream past in
+/// order: every L2 table and data cluster they point to must lie inside the
+/// image. Tables that appear in the stream before the entry pointing to them
+/// cannot be checked (qemu-img writes metadata first, so this is rare); the
+/// header check already covers the L1 and refcount tables themselves.
+pub struct Qcow2Walk {
+    cluster_bits: u32,
+    l2_entry_size: u64,
+    image_size: u64,
+    pos: u64,
+    l1: (u64, u64),
+    l1_buf: Vec<u8>,
+    /// Offsets of L2 tables not yet reached by the stream.
+    pending_l2: BTreeSet<u64>,
+    /// L2 tables being collected: (offset, bytes so far).
+    active_l2: Vec<(u64, Vec<u8>)>,
+}
+
+impl Qcow2Walk {
+    pub fn new(h: &Qcow2Header, image_size: u64) -> Qcow2Walk {
+        Qcow2Walk {
+            cluster_bits: h.cluster_bits,
+            l2_entry_size: h.l2_entry_size(),
+            image_size,
+            pos: 0,
+            l1: (h.l1_table_offset, u64::from(h.l1_size) * 8),
+            l1_buf: Vec::new(),
+            pending_l2: BTreeSet::new(),
+            active_l2: Vec::new(),
+        }
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The next bytes of the image, in order.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+        let start = self.pos;
+        let end = start + chunk.len() as u64;
+        let slice = |from: u64, to: u64| &chunk[(from - start) as usize..(to - start) as usize];
+
+        let (l1_off, l1_len) = self.l1;
+        if l1_len > 0 && start < l1_off + l1_len && end > l1_off {
+            let from = start.max(l1_off);
+            let to = end.min(l1_off + l1_len);
+            self.l1_buf.extend_from_slice(slice(from, to));
+            if self.l1_buf.len() as u64 == l1_len {
+                let l1 = std::mem::take(&mut self.l1_buf);
+                self.check_l1(&l1, to)?;
+            }
+        }
+
+        while let Some(&off) = self.pending_l2.first() {
+            if off >= end {
+                break;
+            }
+            self.pending_l2.remove(&off);
+            self.active_l2.push((off, Vec::new()));
+        }
+        let cs = self.cluster_size();
+        let mut done = Vec::new();
+        for (i, (off, buf)) in self.active_l2.iter_mut().enumerate() {
+            let from = start.max(*off);
+            let to = end.min(*off + cs);
+            if from < to {
+                buf.extend_from_slice(slice(from, to));
+            }
+            if buf.len() as u64 == cs {
+                done.push(i);
+            }
+        }
+        for i in done.into_iter().rev() {
+            let (off, table) = self.active_l2.swap_remove(i);
+            self.check_l2(off, &table)?;
+        }
+        self.pos = end;
+        Ok(())
+    }
+
+    /// After the last byte: everything pointed to was seen.
+    pub fn finish(self) -> Result<(), String> {
+        if self.pos != self.image_size {
+            return Err(format!(
+                "qcow2 image ended after {} of {} bytes",
+                self.pos, self.image_size
+            ));
+        }
+        if !self.active_l2.is_empty() || !self.pending_l2.is_empty() {
+            return Err("truncated qcow2 image: an L2 table is cut off".into());
+        }
+        Ok(())
+    }
+
+    /// `seen_up_to`: the stream position just after the L1 table.
+    fn check_l1(&mut self, l1: &[u8], seen_up_to: u64) -> Result<(), String> {
+        let cs = self.cluster_size();
+        for (i, e) in l1.chunks_exact(8).enumerate() {
+            let off = be64(e, 0) & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if !off.is_multiple_of(cs) {
+                return Err(format!(
+                    "corrupt qcow2 image: L1 entry {i} points to an unaligned L2 table at {off}"
+                ));
+            }
+            if off.checked_add(cs).is_none_or(|e| e > self.image_size) {
+                return Err(format!(
+                    "truncated qcow2 image: L2 table at {off} lies beyond the end of the image ({} bytes)",
+                    self.image_size
+                ));
+            }
+            if off >= seen_up_to {
+                self.pending_l2.insert(off);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_l2(&self, table_offset: u64, table: &[u8]) -> Result<(), String> {
+        // Compressed cluster descriptors: offset in the low 62 - (cluster_bits - 8) bits.
+        let compressed_offset_bits = 62 - (self.cluster_bits - 8);
+        for e in table.chunks_exact(self.l2_entry_size as usize) {
+            let entry = be64(e, 0);
+            let off = if entry & L2_COMPRESSED != 0 {
+                entry & ((1u64 << compressed_offset_bits) - 1)
+            } else {
+                entry & OFFSET_MASK
+            };
+            if off != 0 && off >= self.image_size {
+                return Err(format!(
+                    "truncated qcow2 image: the L2 table at {table_offset} points to data at {off}, beyond the end of the image ({} bytes)",
+                    self.image_size
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A piece of a raw image on its way to a sparse upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Bytes to send: a range within the chunk.
+    Data(usize, usize),
+    /// A run of zeros to skip.
+    Hole(usize),
+}
+
+/// Zero runs shorter than this are sent as data: a hole per 4 KiB block
+/// would cost more in messages than it saves.
+pub const MIN_HOLE: usize = 64 << 10;
+const BLOCK: usize = 4096;
+
+/// Splits `chunk` into data and holes (zero runs of at least `MIN_HOLE`
+/// bytes, in whole 4 KiB blocks). A chunk's holes start at block boundaries
+/// relative to the chunk, so callers pass chunks that start block-aligned.
+pub fn segments(chunk: &[u8]) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut data_start: Option<usize> = None;
+    let mut zero_start: Option<usize> = None;
+    let flush_zeros =
+        |zs: usize, ze: usize, data_start: &mut Option<usize>, out: &mut Vec<Segment>| {
+            if ze - zs >= MIN_HOLE {
+                if let Some(ds) = data_start.take() {
+                    out.push(Segment::Data(ds, zs));
+                }
+                out.push(Segment::Hole(ze - zs));
+            } else if data_start.is_none() {
+                *data_start = Some(zs);
+            }
+        };
+    let mut at = 0;
+    while at < chunk.len() {
+        let end = (at + BLOCK).min(chunk.len());
+        let block = &chunk[at..end];
+        if block.len() == BLOCK && is_zero(block) {
+            if zero_start.is_none() {
+                zero_start = Some(at);
+            }
+        } else {
+            if let Some(zs) = zero_start.take() {
+                flush_zeros(zs, at, &mut data_start, &mut out);
+            }
+            if data_start.is_none() {
+                data_start = Some(at);
+            }
+        }
+        at = end;
+    }
+    if let Some(zs) = zero_start {
+        flush_zeros(zs, chunk.len(), &mut data_start, &mut out);
+    }
+    if let Some(ds) = data_start {
+        out.push(Segment::Data(ds, chunk.len()));
+    }
+    out
+}
+
+/// Branch-free OR over the block so the compiler vectorises it.
+fn is_zero(block: &[u8]) -> bool {
+    let mut acc = 0u64;
+    for w in block.chunks_exact(8) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        acc |= u64::from_ne_bytes(a);
+    }
+    acc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid qcow2 v3 header: 64 KiB clusters, 1 MiB virtual,
+    /// refcount table at cluster 1, L1 at cluster 3, image 4 clusters.
+    fn v3() -> Vec<u8> {
+        let mut h = vec![0u8; 4 * 65536];
+        h[0..4].copy_from_slice(QCOW2_MAGIC);
+        h[4..8].copy_from_slice(&3u32.to_be_bytes());
+        h[20..24].copy_from_slice(&16u32.to_be_bytes());
+        h[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        h[36..40].copy_from_slice(&1u32.to_be_bytes());
+        h[40..48].copy_from_slice(&(3u64 * 65536).to_be_bytes());
+        h[48..56].copy_from_slice(&65536u64.to_be_bytes());
+        h[56..60].copy_from_slice(&1u32.to_be_bytes());
+        h[96..100].copy_from_slice(&4u32.to_be_bytes());
+        h[100..104].copy_from_slice(&112u32.to_be_bytes());
+        h
+    }
+
+    fn check(img: &[u8]) -> Result<RootImage, String> {
+        inspect(&img[..img.len().min(PREFIX_LEN)], img.len() as u64)
+    }
+
+    #[test]
+    fn valid_qcow2_and_raw() {
+        let r = check(&v3()).unwrap();
+        assert_eq!(r.format, DiskFormat::Qcow2);
+        assert_eq!(r.virtual_size, 1 << 20);
+        let raw = vec![0u8; 1 << 20];
+        let r = check(&raw).unwrap();
+        assert_eq!((r.format, r.virtual_size), (DiskFormat::Raw, 1 << 20));
+        assert!(check(&[]).unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn hostile_headers_are_refused() {
+        let mut h = v3();
+        h[8..16].copy_from_slice(&512u64.to_be_bytes());
+        h[16..20].copy_from_slice(&11u32.to_be_bytes());
+        h[512..523].copy_from_slice(b"/etc/shadow");
+        let e = check(&h).unwrap_err();
+        assert!(e.contains("backing file '/etc/shadow'"), "{e}");
+
+        let mut h = v3();
+        h[72..80].copy_from_slice(&INCOMPAT_DATA_FILE.to_be_bytes());
+        assert!(check(&h).unwrap_err().contains("external data file"));
+
+        let mut h = v3();
+        // data-file extension without the feature bit is refused too
+        h[112..116].copy_from_slice(&EXT_DATA_FILE.to_be_bytes());
+        h[116..120].copy_from_slice(&4u32.to_be_bytes());
+        h[120..124].copy_from_slice(b"/dev");
+        assert!(check(&h).unwrap_err().contains("external data file '/dev'"));
+
+        for (m, what) in [(1u32, "AES"), (2, "LUKS"), (7, "unknown method 7")] {
+            let mut h = v3();
+            h[32..36].copy_from_slice(&m.to_be_bytes());
+            assert!(check(&h).unwrap_err().contains(what));
+        }
+        let mut h = v3();
+        h[112..116].copy_from_slice(&EXT_CRYPTO.to_be_bytes());
+        assert!(check(&h).unwrap_err().contains("encryption header"));
+
+        let mut h = v3();
+        h[72..80].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        assert!(check(&h)
+            .unwrap_err()
+            .contains("unknown incompatible features (bits 0x100000)"));
+        let mut h = v3();
+        h[72..80].copy_from_slice(&(INCOMPAT_EXTL2 | INCOMPAT_COMPRESSION).to_be_bytes());
+        check(&h).unwrap();
+        for bit in [INCOMPAT_DIRTY, INCOMPAT_CORRUPT] {
+            let mut h = v3();
+            h[72..80].copy_from_slice(&bit.to_be_bytes());
+            assert!(check(&h).is_err());
+        }
+    }
+
+    #[test]
+    fn corrupt_and_truncated_qcow2() {
+        let h = v3();
+        assert!(check(&h[..50]).unwrap_err().contains("truncated"));
+        // cut before the L1 table
+        assert!(check(&h[..3 * 65536]).unwrap_err().contains("L1 table"));
+        let mut bad = v3();
+        bad[4..8].copy_from_slice(&4u32.to_be_bytes());
+        assert!(check(&bad).unwrap_err().contains("version 4"));
+        let mut bad = v3();
+        bad[20..24].copy_from_slice(&30u32.to_be_bytes());
+        assert!(check(&bad).unwrap_err().contains("cluster_bits"));
+        let mut bad = v3();
+        bad[24..32].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        assert!(check(&bad).unwrap_err().contains("too small"));
+    }
+
+    #[test]
+    fn foreign_formats_are_not_raw() {
+        let mut v = vec![0u8; 4096];
+        v[..4].copy_from_slice(b"KDMV");
+        assert!(check(&v).unwrap_err().contains("VMDK"));
+        v[..6].copy_from_slice(b"LUKS\xba\xbe");
+        assert!(check(&v).unwrap_err().contains("LUKS"));
+    }
+
+    #[test]
+    fn walk_finds_pointers_past_the_end() {
+        let mut img = v3();
+        // L1[0] -> L2 at cluster 2; L2[0] -> data at cluster 9 (beyond 4 clusters)
+        img[3 * 65536..3 * 65536 + 8].copy_from_slice(&(2u64 * 65536).to_be_bytes());
+        let hdr = Qcow2Header::parse(&img, img.len() as u64).unwrap();
+        img[2 * 65536..2 * 65536 + 8].copy_from_slice(&(9u64 * 65536).to_be_bytes());
+        // the L2 table precedes the L1 table in this layout: not checkable
+        let mut w = Qcow2Walk::new(&hdr, img.len() as u64);
+        for c in img.chunks(1000) {
+            w.feed(c).unwrap();
+        }
+        w.finish().unwrap();
+
+        // put L1 at cluster 1 and refcounts at 3, L2 at 2: now it is seen
+        let mut img = v3();
+        img[40..48].copy_from_slice(&65536u64.to_be_bytes());
+        img[48..56].copy_from_slice(&(3u64 * 65536).to_be_bytes());
+        img[65536..65536 + 8].copy_from_slice(&(2u64 * 65536).to_be_bytes());
+        img[2 * 65536 + 8..2 * 65536 + 16].copy_from_slice(&(9u64 * 65536).to_be_bytes());
+        let hdr = Qcow2Header::parse(&img, img.len() as u64).unwrap();
+        let mut w = Qcow2Walk::new(&hdr, img.len() as u64);
+        let e = img.chunks(777).try_for_each(|c| w.feed(c)).unwrap_err();
+        assert!(e.contains("beyond the end"), "{e}");
+    }
+
+    #[test]
+    fn segments_split_zero_runs() {
+        let mut v = vec![0u8; 1 << 20];
+        assert_eq!(segments(&v), vec![Segment::Hole(1 << 20)]);
+        v[5] = 1;
+        v[300_000] = 1;
+        let s = segments(&v);
+        assert_eq!(
+            s,
+            vec![
+                Segment::Data(0, 4096),
+                Segment::Hole(299_008 - 4096),
+                Segment::Data(299_008, 303_104),
+                Segment::Hole((1 << 20) - 303_104)
+            ]
+        );
+        // short zero runs stay data; a partial tail block is data
+        let mut v = vec![1u8; 100_000];
+        v[8192..16384].fill(0);
+        assert_eq!(segments(&v), vec![Segment::Data(0, 100_000)]);
+        let total: usize = segments(&vec![0u8; 70_000])
+            .iter()
+            .map(|s| match s {
+                Segment::Data(a, b) => b - a,
+                Segment::Hole(n) => *n,
+            })
+            .sum();
+        assert_eq!(total, 70_000);
+    }
+}

@@ -1,0 +1,834 @@
+//! Persistent disks as libvirt sees them: disk and sidecar volumes in the pool,
+//! the `<disk>` devices in domain XML, which domains hold a disk, hot-plug and
+//! confirmed unplug, and live block copies (snapshots of attached disks).
+//!
+//! Boundary: no BOSH semantics here. "Not found" is a value (`None`, `false`);
+//! the handlers (handlers/disk.rs, handlers/snapshot.rs) decide which BOSH
+//! error a situation becomes. Everything else is a `CloudError` naming what
+//! was being done and libvirt's reason.
+
+use std::borrow::Cow;
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+use serde_json::Value;
+use virt::domain::Domain;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
+use virt::sys;
+
+use super::volume::{DiskFormat, MIB};
+use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
+use crate::error::{CpiError, Result};
+
+/// How often a domain's live XML is re-read while waiting for the guest.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Sidecar volumes never need to be large; a bigger one is not ours to read.
+const SIDECAR_MAX_BYTES: u64 = MIB;
+const SIDECAR_BLOCK: usize = 4096;
+
+/// One `<disk>` device of a domain definition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DiskDevice {
+    /// The `type` attribute: file, block, volume, network.
+    pub kind: String,
+    /// The `device` attribute: disk, cdrom, ...
+    pub device: String,
+    pub target: String,
+    pub bus: String,
+    pub serial: Option<String>,
+    /// `<source file=...>` or `<source dev=...>`.
+    pub source_path: Option<String>,
+    /// `<source pool=... volume=...>`.
+    pub source_volume: Option<(String, String)>,
+    pub driver_type: Option<String>,
+    /// A block job's `<mirror>`: `Some(ready)` while one runs.
+    pub mirror_ready: Option<bool>,
+}
+
+/// How a persistent disk can show up in a domain: by its serial (the CID, how
+/// the CPI attaches it), by its file path, or as a pool volume reference.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRef<'a> {
+    pub cid: &'a str,
+    pub path: Option<&'a str>,
+    pub pool: &'a str,
+}
+
+impl DiskDevice {
+    pub fn refers_to(&self, r: &DiskRef) -> bool {
+        self.serial.as_deref() == Some(r.cid)
+            || (r.path.is_some() && self.source_path.as_deref() == r.path)
+            || self
+                .source_volume
+                .as_ref()
+                .is_some_and(|(pool, vol)| pool == r.pool && vol == r.cid)
+    }
+}
+
+/// A domain's disks, live (only while it runs) and persistent.
+#[derive(Debug, Clone, Default)]
+pub struct DomainDisks {
+    pub running: bool,
+    pub live: Vec<DiskDevice>,
+    pub config: Vec<DiskDevice>,
+}
+
+impl DomainDisks {
+    pub fn live_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
+        self.live.iter().find(|d| d.refers_to(r))
+    }
+
+    pub fn config_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
+        self.config.iter().find(|d| d.refers_to(r))
+    }
+
+    pub fn holds(&self, r: &DiskRef) -> bool {
+        self.live_ref(r).is_some() || self.config_ref(r).is_some()
+    }
+
+    /// Target names in use in either definition.
+    pub fn used_targets(&self) -> Vec<String> {
+        self.live
+            .iter()
+            .chain(&self.config)
+            .map(|d| d.target.clone())
+            .collect()
+    }
+}
+
+/// A domain that holds a given disk.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub domain: String,
+    pub disks: DomainDisks,
+}
+
+/// The virtio-blk device the CPI attaches for a persistent disk. `cache='none'`
+/// (O_DIRECT on the host: no double caching, guest flushes reach the disk) works
+/// under both TCG and KVM on the local filesystems a `dir` pool lives on.
+pub fn disk_device_xml(path: &str, format: DiskFormat, target: &str, serial: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'>\
+         <driver name='qemu' type='{}' cache='none' discard='unmap'/>\
+         <source file='{}'/><target dev='{}' bus='virtio'/><serial>{}</serial></disk>",
+        format.as_str(),
+        xml_escape(path),
+        xml_escape(target),
+        xml_escape(serial)
+    )
+}
+
+/// Enough of a device for libvirt to find it again (it matches disks by target).
+fn detach_xml(d: &DiskDevice) -> String {
+    let source = match (&d.kind[..], &d.source_path) {
+        ("file", Some(p)) => format!("<source file='{}'/>", xml_escape(p)),
+        ("block", Some(p)) => format!("<source dev='{}'/>", xml_escape(p)),
+        _ => String::new(),
+    };
+    let bus = if d.bus.is_empty() {
+        String::new()
+    } else {
+        format!(" bus='{}'", xml_escape(&d.bus))
+    };
+    format!(
+        "<disk type='{}' device='{}'>{source}<target dev='{}'{bus}/></disk>",
+        xml_escape(&d.kind),
+        xml_escape(&d.device),
+        xml_escape(&d.target)
+    )
+}
+
+/// The first `vdX` name (vda..vdz, vdaa..) not in `used`.
+pub fn next_free_target(used: &[String]) -> String {
+    (0..)
+        .map(|i| format!("vd{}", drive_letters(i)))
+        .find(|t| !used.iter().any(|u| u == t))
+        .unwrap_or_default()
+}
+
+/// 0 -> a, 25 -> z, 26 -> aa: the kernel's and libvirt's disk naming.
+fn drive_letters(mut i: usize) -> String {
+    let mut s = Vec::new();
+    loop {
+        s.push(b'a' + (i % 26) as u8);
+        if i < 26 {
+            break;
+        }
+        i = i / 26 - 1;
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}
+
+// ---- XML reading --------------------------------------------------------------
+
+fn attr(e: &BytesStart, name: &str) -> Option<String> {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == name.as_bytes())
+        .and_then(|a| a.unescape_value().ok().map(Cow::into_owned))
+}
+
+/// What `walk_xml` reports: an element start (with its attributes) or text.
+enum Item<'a, 'b> {
+    Start(&'a BytesStart<'b>),
+    Text(&'a str),
+}
+
+/// Walks a document; `visit` sees each element start and each text with the
+/// names of the enclosing elements (for a start: its ancestors and itself).
+fn walk_xml(xml: &str, mut visit: impl FnMut(&[String], Item)) -> std::result::Result<(), String> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<String> = Vec::new();
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e)) => {
+                path.push(String::from_utf8_lossy(e.name().as_ref()).into_owned());
+                visit(&path, Item::Start(&e));
+            }
+            Ok(Event::Empty(e)) => {
+                path.push(String::from_utf8_lossy(e.name().as_ref()).into_owned());
+                visit(&path, Item::Start(&e));
+                path.pop();
+            }
+            Ok(Event::End(_)) => {
+                path.pop();
+            }
+            Ok(Event::Text(t)) => {
+                let text = t.unescape().map_err(|e| e.to_string())?;
+                visit(&path, Item::Text(&text));
+            }
+            Ok(Event::Eof) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(format!(
+                    "invalid XML at byte {}: {e}",
+                    reader.buffer_position()
+                ))
+            }
+        }
+    }
+}
+
+fn is_path(path: &[String], want: &[&str]) -> bool {
+    path.len() == want.len() && path.iter().zip(want).all(|(a, b)| a == b)
+}
+
+/// The `<disk>` devices of a domain XML document (live or inactive). Only a
+/// disk's own children count: the `<source>` inside `<backingStore>` or
+/// `<mirror>` describes another image.
+pub fn parse_domain_disks(xml: &str) -> std::result::Result<Vec<DiskDevice>, String> {
+    const DISK: &[&str] = &["domain", "devices", "disk"];
+    let mut disks: Vec<DiskDevice> = Vec::new();
+    walk_xml(xml, |path, item| {
+        if let Item::Start(e) = item {
+            if is_path(path, DISK) {
+                disks.push(DiskDevice {
+                    kind: attr(e, "type").unwrap_or_default(),
+                    device: attr(e, "device").unwrap_or_else(|| "disk".into()),
+                    ..Default::default()
+                });
+                return;
+            }
+        }
+        if path.len() != 4 || !is_path(&path[..3], DISK) {
+            return;
+        }
+        let Some(d) = disks.last_mut() else { return };
+        match (path[3].as_str(), item) {
+            ("serial", Item::Text(text)) => {
+                d.serial.get_or_insert_with(String::new).push_str(text);
+            }
+            ("target", Item::Start(e)) => {
+                d.target = attr(e, "dev").unwrap_or_default();
+                d.bus = attr(e, "bus").unwrap_or_default();
+            }
+            ("source", Item::Start(e)) => {
+                d.source_path = attr(e, "file").or_else(|| attr(e, "dev"));
+                if let (Some(p), Some(v)) = (attr(e, "pool"), attr(e, "volume")) {
+                    d.source_volume = Some((p, v));
+                }
+            }
+            ("driver", Item::Start(e)) => d.driver_type = attr(e, "type"),
+            ("mirror", Item::Start(e)) => {
+                d.mirror_ready = Some(attr(e, "ready").as_deref() == Some("yes"));
+            }
+            _ => {}
+        }
+    })?;
+    for d in &mut disks {
+        if let Some(s) = &mut d.serial {
+            *s = s.trim().to_string();
+        }
+    }
+    Ok(disks)
+}
+
+// ---- libvirt operations ---------------------------------------------------------
+
+impl Libvirt {
+    /// Replaces the content of a small sidecar volume with `value` as JSON,
+    /// creating the volume when missing. The JSON is padded with spaces to the
+    /// volume's whole size and written in one upload, so a reader sees either
+    /// the old or the new document, never a mix of the two lengths.
+    pub fn write_json_volume(&self, pool: &StoragePool, name: &str, value: &Value) -> Result<()> {
+        let mut bytes = serde_json::to_vec(value)
+            .map_err(|e| CpiError::cloud(format!("serializing {name}: {e}")))?;
+        bytes.push(b'\n');
+        let mut size = bytes.len().div_ceil(SIDECAR_BLOCK) * SIDECAR_BLOCK;
+        if size as u64 > SIDECAR_MAX_BYTES {
+            return Err(CpiError::cloud(format!(
+                "{name}: {} bytes of JSON is more than a sidecar may hold ({SIDECAR_MAX_BYTES})",
+                bytes.len()
+            )));
+        }
+        let vol = match self.find_volume(pool, name)? {
+            Some(vol) => vol,
+            None => match self.create_volume(pool, name, size as u64, DiskFormat::Raw) {
+                Ok(vol) => vol,
+                // Lost a race with a concurrent writer of the same sidecar.
+                Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
+            },
+        };
+        let capacity = self.volume_facts(&vol, name)?.capacity;
+        if capacity < size as u64 {
+            self.resize_volume(&vol, name, size as u64)?;
+        } else {
+            size = usize::try_from(capacity).unwrap_or(size);
+        }
+        bytes.resize(size, b' ');
+        self.upload(&vol, name, &bytes)
+    }
+
+    /// The JSON document in a sidecar volume; `None` when the volume is absent.
+    pub fn read_json_volume(&self, pool: &StoragePool, name: &str) -> Result<Option<Value>> {
+        let Some(vol) = self.find_volume(pool, name)? else {
+            return Ok(None);
+        };
+        let bytes = self.download(&vol, name, SIDECAR_MAX_BYTES)?;
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim_end_matches(|c: char| c.is_whitespace() || c == '\0');
+        serde_json::from_str(text)
+            .map(Some)
+            .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
+    }
+
+    fn upload(&self, vol: &StorageVol, name: &str, bytes: &[u8]) -> Result<()> {
+        let doing = || format!("writing volume {name}");
+        let stream = Stream::new(self.conn(), 0).map_err(|e| lv_error(doing(), e))?;
+        vol.upload(&stream, 0, bytes.len() as u64, 0)
+            .map_err(|e| lv_error(doing(), e))?;
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match stream.send(&bytes[sent..]) {
+                Ok(n) if n > 0 => sent += n as usize,
+                Ok(_) => {
+                    let _ = stream.abort();
+                    return Err(CpiError::cloud(format!("{}: stream closed", doing())));
+                }
+                Err(e) => {
+                    let _ = stream.abort();
+                    return Err(lv_error(doing(), e));
+                }
+            }
+        }
+        stream.finish().map_err(|e| lv_error(doing(), e))
+    }
+
+    fn download(&self, vol: &StorageVol, name: &str, max: u64) -> Result<Vec<u8>> {
+        let doing = || format!("reading volume {name}");
+        let capacity = self.volume_facts(vol, name)?.capacity;
+        if capacity > max {
+            return Err(CpiError::cloud(format!(
+                "{}: {capacity} bytes is more than expected ({max})",
+                doing()
+            )));
+        }
+        let stream = Stream::new(self.conn(), 0).map_err(|e| lv_error(doing(), e))?;
+        vol.download(&stream, 0, capacity, 0)
+            .map_err(|e| lv_error(doing(), e))?;
+        let mut out = Vec::with_capacity(capacity as usize);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stream.recv(&mut buf) {
+                Ok(0) => break,
+                Ok(n) if n > 0 => out.extend_from_slice(&buf[..n as usize]),
+                Ok(_) => {
+                    let _ = stream.abort();
+                    return Err(CpiError::cloud(format!("{}: stream error", doing())));
+                }
+                Err(e) => {
+                    let _ = stream.abort();
+                    return Err(lv_error(doing(), e));
+                }
+            }
+            if out.len() as u64 > max {
+                let _ = stream.abort();
+                return Err(CpiError::cloud(format!(
+                    "{}: more data than expected",
+                    doing()
+                )));
+            }
+        }
+        stream.finish().map_err(|e| lv_error(doing(), e))?;
+        Ok(out)
+    }
+
+    /// The disks of a domain; `None` when the domain vanished meanwhile.
+    pub fn domain_disks(&self, domain: &Domain, name: &str) -> Result<Option<DomainDisks>> {
+        let Some((running, live, config)) = self.domain_xmls(domain, name)? else {
+            return Ok(None);
+        };
+        let parse = |xml: &str| {
+            parse_domain_disks(xml)
+                .map_err(|e| CpiError::cloud(format!("parsing the XML of domain {name}: {e}")))
+        };
+        Ok(Some(DomainDisks {
+            running,
+            live: match &live {
+                Some(xml) => parse(xml)?,
+                None => Vec::new(),
+            },
+            config: parse(&config)?,
+        }))
+    }
+
+    /// (running, live XML while running, persistent XML).
+    #[allow(clippy::type_complexity)]
+    fn domain_xmls(
+        &self,
+        domain: &Domain,
+        name: &str,
+    ) -> Result<Option<(bool, Option<String>, String)>> {
+        let Some(running) = not_found_as_none(
+            domain.is_active(),
+            format!("reading the state of domain {name}"),
+        )?
+        else {
+            return Ok(None);
+        };
+        let live = if running {
+            match not_found_as_none(
+                domain.xml_desc(0),
+                format!("reading the live XML of domain {name}"),
+            )? {
+                Some(xml) => Some(xml),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        let Some(config) = not_found_as_none(
+            domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE),
+            format!("reading the persistent XML of domain {name}"),
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((running, live, config)))
+    }
+
+    /// Every domain (running or not, ours or not) whose live or persistent
+    /// definition refers to the disk. The domains' XML is the only record of
+    /// attachments, so this is how the CPI knows where a disk is.
+    pub fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>> {
+        let domains = self
+            .conn()
+            .list_all_domains(0)
+            .map_err(|e| lv_error("listing domains", e))?;
+        let path = r.path.map(xml_escape);
+        let mut holders = Vec::new();
+        for domain in domains {
+            let Some(name) = not_found_as_none(domain.name(), "reading a domain name")? else {
+                continue;
+            };
+            let Some((running, live, config)) = self.domain_xmls(&domain, &name)? else {
+                continue;
+            };
+            let mentions =
+                |xml: &str| xml.contains(r.cid) || path.as_deref().is_some_and(|p| xml.contains(p));
+            if !(mentions(&config) || live.as_deref().is_some_and(mentions)) {
+                continue;
+            }
+            let parse = |xml: &str| {
+                parse_domain_disks(xml)
+                    .map_err(|e| CpiError::cloud(format!("parsing the XML of domain {name}: {e}")))
+            };
+            let disks = DomainDisks {
+                running,
+                live: match &live {
+                    Some(xml) => parse(xml)?,
+                    None => Vec::new(),
+                },
+                config: parse(&config)?,
+            };
+            if disks.holds(r) {
+                holders.push(Holder {
+                    domain: name,
+                    disks,
+                });
+            }
+        }
+        Ok(holders)
+    }
+
+    /// Adds a device to the running domain (`live`) and/or its persistent
+    /// definition (`config`).
+    pub fn attach_disk_device(
+        &self,
+        domain: &Domain,
+        name: &str,
+        xml: &str,
+        live: bool,
+        config: bool,
+    ) -> Result<()> {
+        let mut flags = 0;
+        if live {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        if config {
+            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+        }
+        let what = match (live, config) {
+            (true, true) => "live and persistent",
+            (true, false) => "live",
+            _ => "persistent",
+        };
+        domain
+            .attach_device_flags(xml, flags)
+            .map_err(|e| lv_error(format!("attaching disk to domain {name} ({what})"), e))
+    }
+
+    /// Removes a device from the persistent definition. A device already gone
+    /// counts as removed.
+    pub fn detach_disk_config(&self, domain: &Domain, name: &str, dev: &DiskDevice) -> Result<()> {
+        match domain.detach_device_flags(&detach_xml(dev), sys::VIR_DOMAIN_AFFECT_CONFIG) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let still_there = self
+                    .domain_disks(domain, name)?
+                    .is_some_and(|d| d.config.iter().any(|c| c.target == dev.target));
+                if still_there {
+                    Err(lv_error(
+                        format!(
+                            "removing disk {} from the persistent definition of domain {name}",
+                            dev.target
+                        ),
+                        e,
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Asks the guest to release a hot-plugged disk and waits until libvirt's
+    /// live XML no longer shows it. libvirt itself may return "success" while
+    /// the device is still there (the guest has not let go yet), so only the
+    /// re-read XML counts.
+    pub fn detach_disk_live(
+        &self,
+        domain: &Domain,
+        name: &str,
+        dev: &DiskDevice,
+        r: &DiskRef,
+        timeout: Duration,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let gone = |this: &Self| -> Result<bool> {
+            Ok(match this.domain_disks(domain, name)? {
+                None => true,
+                Some(d) => !d.running || d.live_ref(r).is_none(),
+            })
+        };
+        if let Err(e) = domain.detach_device_flags(&detach_xml(dev), sys::VIR_DOMAIN_AFFECT_LIVE) {
+            if gone(self)? {
+                return Ok(());
+            }
+            // A detach requested earlier (a previous attempt) is still pending:
+            // keep waiting for it; anything else is a real failure.
+            if !e.message().contains("in the process of unplug") {
+                return Err(lv_error(
+                    format!("detaching disk {} from running domain {name}", dev.target),
+                    e,
+                ));
+            }
+        }
+        loop {
+            if gone(self)? {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                return Err(CpiError::cloud(format!(
+                    "disk {} ({}) is still attached to running domain {name} after {} s: \
+                     the guest has not released it (is the disk still mounted or the guest hung?); \
+                     the detach request stays pending, retry later",
+                    r.cid,
+                    dev.target,
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Copies a disk of a running domain into the existing, empty qcow2 volume
+    /// at `dest_path` with a block copy (QEMU drive-mirror), then cancels the
+    /// job once the copy is in sync: the destination then holds the disk as it
+    /// was at that instant (crash-consistent, like pulling the plug), while the
+    /// guest keeps running on the original. Gives up when the copy makes no
+    /// progress for `stall_timeout`.
+    pub fn live_block_copy(
+        &self,
+        domain: &Domain,
+        name: &str,
+        target: &str,
+        dest_path: &str,
+        stall_timeout: Duration,
+    ) -> Result<()> {
+        let doing = || format!("live copy of disk {target} of domain {name}");
+        let dest_xml = format!(
+            "<disk type='file'><source file='{}'/><driver type='qcow2'/></disk>",
+            xml_escape(dest_path)
+        );
+        let c_target = CString::new(target).map_err(|e| CpiError::cloud(e.to_string()))?;
+        let c_xml = CString::new(dest_xml).map_err(|e| CpiError::cloud(e.to_string()))?;
+        let flags = sys::VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | sys::VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB;
+        // SAFETY: the domain pointer is valid for the life of `domain`; the
+        // strings live until the call returns; no typed parameters are passed.
+        let rc = unsafe {
+            sys::virDomainBlockCopy(
+                domain.as_ptr(),
+                c_target.as_ptr(),
+                c_xml.as_ptr(),
+                std::ptr::null_mut(),
+                0,
+                flags,
+            )
+        };
+        if rc < 0 {
+            return Err(lv_error(doing(), virt::error::Error::last_error()));
+        }
+        let result = self.wait_mirror_ready(domain, name, target, &c_target, stall_timeout);
+        // Cancelling (no pivot) leaves the guest on its original disk; after
+        // "ready" QEMU finishes the copy as of this instant.
+        // SAFETY: as above.
+        let rc = unsafe { sys::virDomainBlockJobAbort(domain.as_ptr(), c_target.as_ptr(), 0) };
+        let abort_error = (rc < 0).then(virt::error::Error::last_error);
+        result?;
+        if let Some(e) = abort_error {
+            return Err(lv_error(format!("{}: ending the copy job", doing()), e));
+        }
+        // The job must be gone, or the copy is not known to be complete.
+        let disks = self.domain_disks(domain, name)?.unwrap_or_default();
+        if disks
+            .live
+            .iter()
+            .any(|d| d.target == target && d.mirror_ready.is_some())
+        {
+            return Err(CpiError::cloud(format!(
+                "{}: the copy job did not end",
+                doing()
+            )));
+        }
+        Ok(())
+    }
+
+    fn wait_mirror_ready(
+        &self,
+        domain: &Domain,
+        name: &str,
+        target: &str,
+        c_target: &CString,
+        stall_timeout: Duration,
+    ) -> Result<()> {
+        let mut last_progress = Instant::now();
+        let mut last_cur = 0;
+        loop {
+            let mut info = sys::virDomainBlockJobInfo {
+                type_: 0,
+                bandwidth: 0,
+                cur: 0,
+                end: 0,
+            };
+            // SAFETY: valid domain and string; `info` is a plain C struct we own.
+            let rc = unsafe {
+                sys::virDomainGetBlockJobInfo(domain.as_ptr(), c_target.as_ptr(), &mut info, 0)
+            };
+            if rc < 0 {
+                return Err(lv_error(
+                    format!("watching the live copy of disk {target} of domain {name}"),
+                    virt::error::Error::last_error(),
+                ));
+            }
+            if rc == 0 {
+                return Err(CpiError::cloud(format!(
+                    "the live copy of disk {target} of domain {name} ended before it was complete"
+                )));
+            }
+            let ready = self
+                .domain_disks(domain, name)?
+                .unwrap_or_default()
+                .live
+                .iter()
+                .any(|d| d.target == target && d.mirror_ready == Some(true));
+            if ready {
+                return Ok(());
+            }
+            if info.cur != last_cur {
+                last_cur = info.cur;
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() >= stall_timeout {
+                return Err(CpiError::cloud(format!(
+                    "the live copy of disk {target} of domain {name} made no progress for {} s \
+                     ({} of {} bytes)",
+                    stall_timeout.as_secs(),
+                    info.cur,
+                    info.end
+                )));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIVE: &str = r#"<domain type='qemu' id='3'>
+  <name>vm-1</name>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/pool/vm-1-root' index='2'/>
+      <backingStore type='file' index='3'>
+        <format type='qcow2'/>
+        <source file='/pool/sc-1'/>
+      </backingStore>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file='/pool/vm-1-config.iso'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='/pool/disk-0f3a9c21b7e54d8' index='4'/>
+      <backingStore/>
+      <target dev='vdc' bus='virtio'/>
+      <serial>disk-0f3a9c21b7e54d8</serial>
+      <mirror type='file' file='/pool/snap' format='qcow2' job='copy' ready='yes'>
+        <format type='qcow2'/>
+        <source file='/pool/snap' index='5'/>
+      </mirror>
+    </disk>
+    <disk type='volume' device='disk'>
+      <source pool='bosh' volume='disk-aaaaaaaaaaaaaaa'/>
+      <target dev='vdd' bus='virtio'/>
+    </disk>
+    <controller type='pci' index='0' model='pcie-root'/>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn parses_disks_ignoring_nested_sources() {
+        let d = parse_domain_disks(LIVE).unwrap();
+        assert_eq!(d.len(), 4);
+        assert_eq!(d[0].target, "vda");
+        assert_eq!(d[0].source_path.as_deref(), Some("/pool/vm-1-root"));
+        assert_eq!(d[0].serial, None);
+        assert_eq!(d[1].device, "cdrom");
+        assert_eq!(d[2].serial.as_deref(), Some("disk-0f3a9c21b7e54d8"));
+        assert_eq!(
+            d[2].source_path.as_deref(),
+            Some("/pool/disk-0f3a9c21b7e54d8")
+        );
+        assert_eq!(d[2].driver_type.as_deref(), Some("raw"));
+        assert_eq!(d[2].mirror_ready, Some(true));
+        assert_eq!(d[0].mirror_ready, None);
+        assert_eq!(
+            d[3].source_volume,
+            Some(("bosh".into(), "disk-aaaaaaaaaaaaaaa".into()))
+        );
+    }
+
+    #[test]
+    fn disks_are_found_by_serial_path_or_volume() {
+        let d = parse_domain_disks(LIVE).unwrap();
+        let by_serial = DiskRef {
+            cid: "disk-0f3a9c21b7e54d8",
+            path: None,
+            pool: "bosh",
+        };
+        assert!(d[2].refers_to(&by_serial));
+        assert!(!d[0].refers_to(&by_serial));
+        let by_path = DiskRef {
+            cid: "disk-bbbbbbbbbbbbbbb",
+            path: Some("/pool/vm-1-root"),
+            pool: "bosh",
+        };
+        assert!(d[0].refers_to(&by_path));
+        let by_volume = DiskRef {
+            cid: "disk-aaaaaaaaaaaaaaa",
+            path: Some("/elsewhere"),
+            pool: "bosh",
+        };
+        assert!(d[3].refers_to(&by_volume));
+        let other_pool = DiskRef {
+            pool: "other",
+            ..by_volume
+        };
+        assert!(!d[3].refers_to(&other_pool));
+    }
+
+    #[test]
+    fn escaped_serials_and_bad_xml() {
+        let xml = "<domain><devices><disk type='file' device='disk'><target dev='vdb'/>\
+                   <serial>a&amp;b</serial></disk></devices></domain>";
+        assert_eq!(
+            parse_domain_disks(xml).unwrap()[0].serial.as_deref(),
+            Some("a&b")
+        );
+        assert!(parse_domain_disks("<domain><devices><disk></devices>").is_err());
+    }
+
+    #[test]
+    fn targets_fill_the_first_gap() {
+        let used = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(next_free_target(&used(&[])), "vda");
+        assert_eq!(next_free_target(&used(&["vda", "vdb", "sda"])), "vdc");
+        assert_eq!(next_free_target(&used(&["vda", "vdc"])), "vdb");
+        let all: Vec<String> = (0..26).map(|i| format!("vd{}", drive_letters(i))).collect();
+        assert_eq!(all[25], "vdz");
+        assert_eq!(next_free_target(&all), "vdaa");
+        assert_eq!(drive_letters(27), "ab");
+        assert_eq!(drive_letters(26 * 27), "aaa");
+    }
+
+    #[test]
+    fn device_xml_round_trips() {
+        let xml = disk_device_xml("/p/disk-1", DiskFormat::Raw, "vdc", "disk-1");
+        let wrapped = format!("<domain><devices>{xml}</devices></domain>");
+        let d = &parse_domain_disks(&wrapped).unwrap()[0];
+        assert_eq!(
+            (
+                d.kind.as_str(),
+                d.target.as_str(),
+                d.serial.as_deref(),
+                d.driver_type.as_deref()
+            ),
+            ("file", "vdc", Some("disk-1"), Some("raw"))
+        );
+        let detach = format!("<domain><devices>{}</devices></domain>", detach_xml(d));
+        assert_eq!(parse_domain_disks(&detach).unwrap()[0].target, "vdc");
+    }
+}

@@ -1,0 +1,128 @@
+//! Stemcell volumes in the dedicated pool (naming.md): the image `sc-<uuid>`
+//! and its completion marker `sc-<uuid>.meta`, created only after the image
+//! was uploaded and verified. A stemcell exists iff both volumes do, so a
+//! crash mid-import can never leave something `create_vm` would accept.
+//!
+//! Leftovers are image volumes without a marker. The one being imported by a
+//! live process is written to all the time, so its modification time stays
+//! fresh; `sweep_partial_stemcells` only removes those whose file has not
+//! changed for `PARTIAL_MAX_AGE_SECS`, judged against a timestamp taken on the
+//! libvirt host itself (no clock skew between CPI and host).
+
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::volume::parse_volume_xml;
+use super::{is_not_found, lv_error, Libvirt};
+use crate::cid::is_stemcell_cid;
+use crate::error::{CpiError, Result};
+use crate::image::DiskFormat;
+
+/// A marker-less stemcell volume untouched this long is a leftover of a
+/// killed import (a live upload writes continuously; keepalive ends a dead
+/// connection within a minute).
+pub const PARTIAL_MAX_AGE_SECS: f64 = 30.0 * 60.0;
+
+pub fn marker_name(cid: &str) -> String {
+    format!("{cid}.meta")
+}
+
+impl Libvirt {
+    /// The stemcell's image volume, only when the import completed (marker
+    /// present). `None` for anything else, including a CID that is not ours.
+    pub fn find_stemcell(&self, pool: &StoragePool, cid: &str) -> Result<Option<StorageVol>> {
+        if !is_stemcell_cid(cid) {
+            return Ok(None);
+        }
+        if self.find_volume(pool, &marker_name(cid))?.is_none() {
+            return Ok(None);
+        }
+        self.find_volume(pool, cid)
+    }
+
+    /// Writes a small raw volume holding `content` (the completion marker).
+    pub fn write_small_volume(&self, pool: &StoragePool, name: &str, content: &[u8]) -> Result<()> {
+        let vol = self.create_volume(pool, name, content.len() as u64, DiskFormat::Raw)?;
+        let written = self
+            .start_upload(&vol, content.len() as u64, false)
+            .and_then(|mut up| {
+                up.send(content)?;
+                up.finish()
+            });
+        if let Err(e) = written {
+            let _ = vol.delete(0);
+            return Err(e.context(format!("writing volume {name}")));
+        }
+        Ok(())
+    }
+
+    /// Names of the volumes in the pool whose backing store is `path`.
+    pub fn volumes_backed_by(&self, pool: &StoragePool, path: &str) -> Result<Vec<String>> {
+        let mut users = Vec::new();
+        for name in self.volume_names(pool)? {
+            if is_stemcell_cid(&name) || name.ends_with(".meta") {
+                continue;
+            }
+            let Some(vol) = self.find_volume(pool, &name)? else {
+                continue;
+            };
+            let xml = match vol.xml_desc(0) {
+                Ok(x) => x,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(lv_error(format!("reading the XML of volume {name}"), e)),
+            };
+            let facts = parse_volume_xml(&xml)
+                .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))?;
+            if facts.backing_path.as_deref() == Some(path) {
+                users.push(name);
+            }
+        }
+        Ok(users)
+    }
+
+    /// Removes stemcell leftovers: image volumes without a marker whose file
+    /// has not changed for `max_age` seconds before `host_now` (a time read on
+    /// the libvirt host), and markers whose image is gone. Never `keep`.
+    /// Returns what it removed.
+    pub fn sweep_partial_stemcells(
+        &self,
+        pool: &StoragePool,
+        host_now: f64,
+        max_age: f64,
+        keep: &str,
+    ) -> Result<Vec<String>> {
+        let names = self.volume_names(pool)?;
+        let has = |n: &str| names.iter().any(|x| x == n);
+        let mut removed = Vec::new();
+        for name in &names {
+            if name == keep {
+                continue;
+            }
+            if is_stemcell_cid(name) && !has(&marker_name(name)) {
+                let Some(vol) = self.find_volume(pool, name)? else {
+                    continue;
+                };
+                let facts = match self.volume_facts(&vol, name) {
+                    Ok(f) => f,
+                    // Deleted under our feet by another sweep or delete.
+                    Err(_) if self.find_volume(pool, name)?.is_none() => continue,
+                    Err(e) => return Err(e),
+                };
+                let Some(mtime) = facts.mtime else { continue };
+                if host_now - mtime > max_age && self.delete_volume(pool, name)? {
+                    removed.push(name.clone());
+                }
+            } else if let Some(base) = name.strip_suffix(".meta") {
+                // A marker is written after its image and deleted before it:
+                // one without an image is garbage whatever its age.
+                if is_stemcell_cid(base) && base != keep && !has(base) {
+                    // Re-check: the listing may predate the image's creation.
+                    if self.find_volume(pool, base)?.is_none() && self.delete_volume(pool, name)? {
+                        removed.push(name.clone());
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -143,13 +143,18 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
     // Validation against what libvirt holds.
     let pool = lv.pool(&config.pool)?;
     let stemcell = find_stemcell(lv, &pool, args.stemcell_cid)?;
-    let root_bytes = match props.root_disk_mib {
+    let root_bytes = match props.root_disk_mib.map(|mib| (mib, mib.checked_mul(MIB))) {
         None => stemcell.virtual_size,
-        Some(mib) if mib * MIB >= stemcell.virtual_size => mib * MIB,
-        Some(mib) => {
+        Some((_, Some(bytes))) if bytes >= stemcell.virtual_size => bytes,
+        Some((mib, Some(_))) => {
             return Err(creation_failed(format!(
                 "root_disk_size {mib} MiB is smaller than the stemcell's {} MiB",
                 stemcell.virtual_size.div_ceil(MIB)
+            )))
+        }
+        Some((mib, None)) => {
+            return Err(creation_failed(format!(
+                "root_disk_size {mib} MiB is too large"
             )))
         }
     };

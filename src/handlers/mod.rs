@@ -41,7 +41,20 @@ impl<'a> Call<'a> {
             self.log.debug(format!("connecting to {uri}"));
             self.libvirt = Some(Libvirt::open(&uri)?);
         }
-        Ok(self.libvirt.as_ref().expect("connection was just opened"))
+        self.libvirt
+            .as_ref()
+            .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))
+    }
+
+    /// The connection, the logger and the config at once, for handlers that
+    /// log while they hold the connection.
+    pub fn parts(&mut self) -> Result<(&Libvirt, &mut Logger, &'a Config)> {
+        self.libvirt()?;
+        let lv = self
+            .libvirt
+            .as_ref()
+            .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))?;
+        Ok((lv, &mut *self.log, self.config))
     }
 }
 

@@ -22,7 +22,6 @@ use virt::storage_pool::StoragePool;
 
 use super::Call;
 use crate::cid::{is_stemcell_cid, is_vm_cid, new_stemcell_cid};
-use crate::config::Config;
 use crate::error::{CpiError, Result};
 use crate::image::archive::{self, Container, Event};
 use crate::image::{self, DiskFormat, Qcow2Walk, RootImage, Segment, PREFIX_LEN};
@@ -36,28 +35,13 @@ use crate::method::Object;
 const CHUNK: usize = 1 << 20;
 const DEPTH: usize = 8;
 
-/// The connection, the logger and the config at once.
-fn parts<'c>(call: &'c mut Call) -> Result<(&'c Libvirt, &'c mut Logger, &'c Config)> {
-    call.libvirt()?;
-    let Call {
-        libvirt,
-        log,
-        config,
-        ..
-    } = call;
-    let lv = libvirt
-        .as_ref()
-        .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))?;
-    Ok((lv, &mut **log, config))
-}
-
 pub fn create_stemcell(
     call: &mut Call,
     image_path: &str,
     cloud_properties: &Object,
 ) -> Result<Value> {
     let declared = declared_format(cloud_properties)?;
-    let (lv, log, config) = parts(call)?;
+    let (lv, log, config) = call.parts()?;
     let pool = lv.pool(&config.pool)?;
     let cid = new_stemcell_cid();
     let import = Import {
@@ -87,7 +71,7 @@ pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
         ));
         return Ok(Value::Null);
     }
-    let (lv, log, config) = parts(call)?;
+    let (lv, log, config) = call.parts()?;
     let pool = lv.pool(&config.pool)?;
     if let Some(vol) = lv.find_volume(&pool, cid)? {
         let path = vol.path().map_err(|e| {

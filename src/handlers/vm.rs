@@ -36,21 +36,6 @@ use crate::method::Object;
 use crate::settings::{self, SettingsInput};
 use crate::vm_spec::{self, NetKind, NetworkRequest, VmProperties};
 
-/// The connection, the logger and the config at once (they live in `Call`).
-fn parts<'c>(call: &'c mut Call) -> Result<(&'c Libvirt, &'c mut Logger, &'c Config)> {
-    call.libvirt()?;
-    let Call {
-        config,
-        log,
-        libvirt,
-        ..
-    } = call;
-    let lv = libvirt
-        .as_ref()
-        .ok_or_else(|| CpiError::cloud("libvirt connection missing after opening it"))?;
-    Ok((lv, &mut **log, *config))
-}
-
 fn creation_failed(message: impl Into<String>) -> CpiError {
     CpiError::new(ErrorKind::VmCreationFailed, message)
 }
@@ -129,7 +114,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
         )));
     }
 
-    let (lv, log, config) = parts(call)?;
+    let (lv, log, config) = call.parts()?;
     for key in &props.ignored {
         log.info(format!("ignoring unknown cloud_properties key '{key}'"));
     }
@@ -665,7 +650,7 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
         ));
         return Ok(Value::Null);
     }
-    let (lv, log, config) = parts(call)?;
+    let (lv, log, config) = call.parts()?;
     let pool = lv.pool(&config.pool)?;
     let prefix = format!("{vm_cid}-");
 
@@ -772,7 +757,7 @@ pub fn reboot_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
     if !cid::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
-    let (lv, log, config) = parts(call)?;
+    let (lv, log, config) = call.parts()?;
     let dom = lv
         .find_domain(vm_cid)?
         .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
@@ -793,7 +778,7 @@ pub fn set_vm_metadata(call: &mut Call, vm_cid: &str, metadata: &Object) -> Resu
     if !cid::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
-    let (lv, log, _) = parts(call)?;
+    let (lv, log, _) = call.parts()?;
     let dom = lv
         .find_domain(vm_cid)?
         .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;

@@ -7,12 +7,9 @@
 //! error a situation becomes. Everything else is a `CloudError` naming what
 //! was being done and libvirt's reason.
 
-use std::borrow::Cow;
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::Reader;
 use serde_json::Value;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
@@ -21,6 +18,7 @@ use virt::stream::Stream;
 use virt::sys;
 
 use super::volume::{DiskFormat, MIB};
+use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
 
@@ -79,6 +77,19 @@ pub struct DomainDisks {
 }
 
 impl DomainDisks {
+    /// From the domain's live XML (while it runs) and persistent XML.
+    fn parse(name: &str, running: bool, live: Option<&str>, config: &str) -> Result<DomainDisks> {
+        let parse = |xml: &str| {
+            parse_domain_disks(xml)
+                .map_err(|e| CpiError::cloud(format!("parsing the XML of domain {name}: {e}")))
+        };
+        Ok(DomainDisks {
+            running,
+            live: live.map(parse).transpose()?.unwrap_or_default(),
+            config: parse(config)?,
+        })
+    }
+
     pub fn live_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
         self.live.iter().find(|d| d.refers_to(r))
     }
@@ -167,106 +178,53 @@ fn drive_letters(mut i: usize) -> String {
 
 // ---- XML reading --------------------------------------------------------------
 
-fn attr(e: &BytesStart, name: &str) -> Option<String> {
-    e.attributes()
-        .flatten()
-        .find(|a| a.key.as_ref() == name.as_bytes())
-        .and_then(|a| a.unescape_value().ok().map(Cow::into_owned))
-}
-
-/// What `walk_xml` reports: an element start (with its attributes) or text.
-enum Item<'a, 'b> {
-    Start(&'a BytesStart<'b>),
-    Text(&'a str),
-}
-
-/// Walks a document; `visit` sees each element start and each text with the
-/// names of the enclosing elements (for a start: its ancestors and itself).
-fn walk_xml(xml: &str, mut visit: impl FnMut(&[String], Item)) -> std::result::Result<(), String> {
-    let mut reader = Reader::from_str(xml);
-    let mut path: Vec<String> = Vec::new();
-    loop {
-        match reader.read_event() {
-            Ok(Event::Start(e)) => {
-                path.push(String::from_utf8_lossy(e.name().as_ref()).into_owned());
-                visit(&path, Item::Start(&e));
-            }
-            Ok(Event::Empty(e)) => {
-                path.push(String::from_utf8_lossy(e.name().as_ref()).into_owned());
-                visit(&path, Item::Start(&e));
-                path.pop();
-            }
-            Ok(Event::End(_)) => {
-                path.pop();
-            }
-            Ok(Event::Text(t)) => {
-                let text = t.unescape().map_err(|e| e.to_string())?;
-                visit(&path, Item::Text(&text));
-            }
-            Ok(Event::Eof) => return Ok(()),
-            Ok(_) => {}
-            Err(e) => {
-                return Err(format!(
-                    "invalid XML at byte {}: {e}",
-                    reader.buffer_position()
-                ))
-            }
-        }
-    }
-}
-
-fn is_path(path: &[String], want: &[&str]) -> bool {
-    path.len() == want.len() && path.iter().zip(want).all(|(a, b)| a == b)
-}
-
 /// The `<disk>` devices of a domain XML document (live or inactive). Only a
 /// disk's own children count: the `<source>` inside `<backingStore>` or
 /// `<mirror>` describes another image.
 pub fn parse_domain_disks(xml: &str) -> std::result::Result<Vec<DiskDevice>, String> {
-    const DISK: &[&str] = &["domain", "devices", "disk"];
-    let mut disks: Vec<DiskDevice> = Vec::new();
-    walk_xml(xml, |path, item| {
-        if let Item::Start(e) = item {
-            if is_path(path, DISK) {
-                disks.push(DiskDevice {
-                    kind: attr(e, "type").unwrap_or_default(),
-                    device: attr(e, "device").unwrap_or_else(|| "disk".into()),
-                    ..Default::default()
-                });
-                return;
+    let root = Element::parse(xml)?;
+    if root.name != "domain" {
+        return Ok(Vec::new());
+    }
+    Ok(root
+        .children_named("devices")
+        .flat_map(|devices| devices.children_named("disk"))
+        .map(disk_device)
+        .collect())
+}
+
+fn disk_device(el: &Element) -> DiskDevice {
+    let owned = |v: Option<&str>| v.map(str::to_string);
+    let mut d = DiskDevice {
+        kind: el.attr("type").unwrap_or_default().to_string(),
+        device: el.attr("device").unwrap_or("disk").to_string(),
+        ..Default::default()
+    };
+    // A later element of the same name overrides an earlier one.
+    for c in &el.children {
+        match c.name.as_str() {
+            "serial" if !c.text.is_empty() => {
+                d.serial.get_or_insert_with(String::new).push_str(&c.text);
             }
-        }
-        if path.len() != 4 || !is_path(&path[..3], DISK) {
-            return;
-        }
-        let Some(d) = disks.last_mut() else { return };
-        match (path[3].as_str(), item) {
-            ("serial", Item::Text(text)) => {
-                d.serial.get_or_insert_with(String::new).push_str(text);
+            "target" => {
+                d.target = c.attr("dev").unwrap_or_default().to_string();
+                d.bus = c.attr("bus").unwrap_or_default().to_string();
             }
-            ("target", Item::Start(e)) => {
-                d.target = attr(e, "dev").unwrap_or_default();
-                d.bus = attr(e, "bus").unwrap_or_default();
-            }
-            ("source", Item::Start(e)) => {
-                d.source_path = attr(e, "file").or_else(|| attr(e, "dev"));
-                if let (Some(p), Some(v)) = (attr(e, "pool"), attr(e, "volume")) {
-                    d.source_volume = Some((p, v));
+            "source" => {
+                d.source_path = owned(c.attr("file").or_else(|| c.attr("dev")));
+                if let (Some(p), Some(v)) = (c.attr("pool"), c.attr("volume")) {
+                    d.source_volume = Some((p.to_string(), v.to_string()));
                 }
             }
-            ("driver", Item::Start(e)) => d.driver_type = attr(e, "type"),
-            ("mirror", Item::Start(e)) => {
-                d.mirror_ready = Some(attr(e, "ready").as_deref() == Some("yes"));
-            }
+            "driver" => d.driver_type = owned(c.attr("type")),
+            "mirror" => d.mirror_ready = Some(c.attr("ready") == Some("yes")),
             _ => {}
         }
-    })?;
-    for d in &mut disks {
-        if let Some(s) = &mut d.serial {
-            *s = s.trim().to_string();
-        }
     }
-    Ok(disks)
+    if let Some(s) = &mut d.serial {
+        *s = s.trim().to_string();
+    }
+    d
 }
 
 // ---- libvirt operations ---------------------------------------------------------
@@ -384,18 +342,7 @@ impl Libvirt {
         let Some((running, live, config)) = self.domain_xmls(domain, name)? else {
             return Ok(None);
         };
-        let parse = |xml: &str| {
-            parse_domain_disks(xml)
-                .map_err(|e| CpiError::cloud(format!("parsing the XML of domain {name}: {e}")))
-        };
-        Ok(Some(DomainDisks {
-            running,
-            live: match &live {
-                Some(xml) => parse(xml)?,
-                None => Vec::new(),
-            },
-            config: parse(&config)?,
-        }))
+        DomainDisks::parse(name, running, live.as_deref(), &config).map(Some)
     }
 
     /// (running, live XML while running, persistent XML).
@@ -455,18 +402,7 @@ impl Libvirt {
             if !(mentions(&config) || live.as_deref().is_some_and(mentions)) {
                 continue;
             }
-            let parse = |xml: &str| {
-                parse_domain_disks(xml)
-                    .map_err(|e| CpiError::cloud(format!("parsing the XML of domain {name}: {e}")))
-            };
-            let disks = DomainDisks {
-                running,
-                live: match &live {
-                    Some(xml) => parse(xml)?,
-                    None => Vec::new(),
-                },
-                config: parse(&config)?,
-            };
+            let disks = DomainDisks::parse(&name, running, live.as_deref(), &config)?;
             if disks.holds(r) {
                 holders.push(Holder {
                     domain: name,

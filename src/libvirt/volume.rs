@@ -13,6 +13,7 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
 use super::domain::classified_error;
+use super::xmltree::Element;
 use super::{is_not_found, lv_error, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
 pub use crate::image::DiskFormat;
@@ -217,55 +218,35 @@ impl Libvirt {
     }
 }
 
-/// Picks what we need out of a volume's XML.
+/// Picks what we need out of a volume's XML. The format is the `<target>`'s:
+/// the one inside `<backingStore>` describes the backing image.
 pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
-    use quick_xml::events::Event;
-    let mut reader = quick_xml::Reader::from_str(xml);
-    let mut stack: Vec<String> = Vec::new();
-    let mut facts = VolumeFacts::default();
-    loop {
-        let event = reader.read_event().map_err(|e| e.to_string())?;
-        match event {
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                if name == "format" && stack_is(&stack, &["volume", "target"]) {
-                    for a in e.attributes().flatten() {
-                        if a.key.as_ref() == b"type" {
-                            facts.format = Some(String::from_utf8_lossy(&a.value).into_owned());
-                        }
-                    }
-                }
-                // Empty elements have no children and no End event.
-                if matches!(event, Event::Start(_)) {
-                    stack.push(name);
-                }
-            }
-            Event::End(_) => {
-                stack.pop();
-            }
-            Event::Text(t) => {
-                let text = t.unescape().map_err(|e| e.to_string())?.trim().to_string();
-                if stack_is(&stack, &["volume", "capacity"]) {
-                    facts.capacity = text
-                        .parse()
-                        .map_err(|_| format!("capacity '{text}' is not a number"))?;
-                } else if stack_is(&stack, &["volume", "target", "path"]) {
-                    facts.path = text;
-                } else if stack_is(&stack, &["volume", "backingStore", "path"]) {
-                    facts.backing_path = Some(text);
-                } else if stack_is(&stack, &["volume", "target", "timestamps", "mtime"]) {
-                    facts.mtime = text.parse().ok();
-                }
-            }
-            Event::Eof => break,
-            _ => {}
-        }
+    let root = Element::parse(xml)?;
+    if root.name != "volume" {
+        return Ok(VolumeFacts::default());
     }
-    Ok(facts)
-}
-
-fn stack_is(stack: &[String], path: &[&str]) -> bool {
-    stack.len() == path.len() && stack.iter().zip(path).all(|(a, b)| a == b)
+    let capacity = match root.text_at(&["capacity"]) {
+        Some(text) => text
+            .parse()
+            .map_err(|_| format!("capacity '{text}' is not a number"))?,
+        None => 0,
+    };
+    Ok(VolumeFacts {
+        path: root
+            .text_at(&["target", "path"])
+            .unwrap_or_default()
+            .to_string(),
+        format: root
+            .at(&["target", "format"])
+            .and_then(|f| f.attr("type"))
+            .map(str::to_string),
+        capacity,
+        backing_path: root.text_at(&["backingStore", "path"]).map(str::to_string),
+        mtime: root
+            .text_at(&["target", "timestamps", "mtime"])
+            .and_then(|t| t.parse().ok()),
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]

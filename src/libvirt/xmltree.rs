@@ -99,6 +99,14 @@ impl Element {
     pub fn text_trimmed(&self) -> &str {
         self.text.trim()
     }
+
+    /// The trimmed text of the element at `path`; `None` when that element is
+    /// absent or holds no text at all (`<x/>`, `<x></x>`).
+    pub fn text_at(&self, path: &[&str]) -> Option<&str> {
+        self.at(path)
+            .filter(|el| !el.text.is_empty())
+            .map(Element::text_trimmed)
+    }
 }
 
 fn element_of(start: &BytesStart) -> Result<Element, String> {
@@ -147,6 +155,10 @@ mod tests {
             .filter_map(|i| i.child("mac").and_then(|m| m.attr("address")))
             .collect();
         assert_eq!(macs, ["52:54:00:00:00:01", "52:54:00:00:00:02"]);
+        assert_eq!(d.text_at(&["name"]), Some("vm-1"));
+        assert_eq!(d.text_at(&["devices"]).map(str::is_empty), Some(true));
+        assert_eq!(d.text_at(&["metadata", "vm", "nope"]), None);
+        assert_eq!(Element::parse("<a><b/></a>").unwrap().text_at(&["b"]), None);
         assert!(Element::parse("<a><b></a>").is_err());
         assert!(Element::parse("<a>").is_err());
     }

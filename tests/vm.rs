@@ -754,3 +754,36 @@ fn two_creates_racing_for_one_ip_one_wins_and_the_loser_leaves_nothing() {
     }
     assert_no_trace(tb, &winners[0], &[]);
 }
+
+#[test]
+fn secrets_in_env_never_reach_the_logs() {
+    let tb = testbed();
+    let config = tb.config_with("vm-secrets", json!({"log_level": "debug"}));
+    let sc = Stemcell::import(tb);
+    let secret = format!("s3cret-{}", uuid::Uuid::new_v4().simple());
+    let env = json!({"bosh": {"password": secret, "mbus": {"cert": {"private_key": secret}},
+                     "blobstores": [{"provider": "dav", "options": {"password": secret}}]}});
+    let run = run_cpi_raw(
+        Some(&config),
+        &director_request(
+            "create_vm",
+            json!(["agent-secrets", sc.cid, {"memory": 64}, {"d": {"type": "dynamic"}}, [], env]),
+        ),
+    );
+    assert!(run.response["error"].is_null(), "{}", run.response);
+    let vm = run.response["result"][0].as_str().unwrap().to_string();
+    let xml = tb.virsh_ok(&["dumpxml", &vm, "--inactive"]);
+    ok(&config, "delete_vm", json!([vm]));
+    assert!(
+        !run.stderr.contains(&secret),
+        "secret on stderr:\n{}",
+        run.stderr
+    );
+    assert!(!run.response["log"].as_str().unwrap().contains(&secret));
+    assert!(!xml.contains(&secret), "secret in the domain XML");
+    assert!(
+        run.stderr.contains("DEBUG"),
+        "debug logging was on: {}",
+        run.stderr
+    );
+}

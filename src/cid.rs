@@ -37,6 +37,15 @@ pub fn is_disk_cid(cid: &str) -> bool {
         })
 }
 
+/// The VM CID a volume belongs to when it is named `<vm_cid>-<suffix>`
+/// (naming.md); None for anything else (stemcells, persistent disks,
+/// snapshots, look-alikes).
+pub fn vm_cid_of_volume(name: &str) -> Option<&str> {
+    // "vm-" and a hyphenated UUID: 39 characters, then the '-' of the suffix.
+    let cid = name.get(..39)?;
+    (is_vm_cid(cid) && name[39..].starts_with('-')).then_some(cid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +60,28 @@ mod tests {
         assert!(!is_vm_cid("vm-../../etc"));
         assert!(!is_disk_cid("disk-0123456789ABCDE"));
         assert!(!is_stemcell_cid("sc-"));
+    }
+
+    #[test]
+    fn volumes_name_their_vm() {
+        let vm = new_vm_cid();
+        for suffix in ["-root", "-ephemeral", "-config.iso"] {
+            assert_eq!(
+                vm_cid_of_volume(&format!("{vm}{suffix}")),
+                Some(vm.as_str())
+            );
+        }
+        let disk = new_disk_cid();
+        let sc = new_stemcell_cid();
+        for other in [
+            vm.clone(),
+            format!("{vm}x-root"),
+            disk,
+            sc,
+            "snap-vm-x-root".into(),
+            "vm-1-root".into(),
+        ] {
+            assert_eq!(vm_cid_of_volume(&other), None, "{other}");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! really boots the test stemcell with the agent settings on its config drive,
 //! NICs with the MACs the settings name and DHCP reservations; delete_vm leaves
 //! nothing of the VM but never a persistent disk; failures part-way leave
-//! nothing behind; many concurrent creates and deletes stay consistent.
+//! nothing behind; many concurrent creates and deletes stay consistent; the
+//! leftovers of a killed create_vm are swept by a later one, nothing else is.
 //!
 //! Guest boots (TCG, slow) happen in one test only.
 
@@ -786,4 +787,113 @@ fn secrets_in_env_never_reach_the_logs() {
         "debug logging was on: {}",
         run.stderr
     );
+}
+
+/// What a create_vm killed after its config drive leaves: `<vm>-root`,
+/// `<vm>-config.iso` and a DHCP reservation named after it, no domain.
+fn killed_create(tb: &Testbed, ip: &str) -> (String, String) {
+    let vm = format!("vm-{}", uuid::Uuid::new_v4());
+    let pool = tb.pool_name();
+    let root = format!("{vm}-root");
+    tb.virsh_ok(&["vol-create-as", &pool, &root, "1M", "--format", "qcow2"]);
+    tb.virsh_ok(&["vol-create-as", &pool, &format!("{vm}-config.iso"), "1M"]);
+    let b = uuid::Uuid::new_v4().into_bytes();
+    let mac = format!("52:54:00:ee:{:02x}:{:02x}", b[0], b[1]);
+    let host = format!("<host mac='{mac}' name='{vm}' ip='{ip}'/>");
+    tb.virsh_ok(&[
+        "net-update",
+        &net_name(tb),
+        "add-last",
+        "ip-dhcp-host",
+        &host,
+        "--live",
+        "--config",
+    ]);
+    (vm, mac)
+}
+
+/// Sets a volume's file mtime two hours back, as if untouched since.
+fn age_volume(tb: &Testbed, vol: &str) {
+    let pool = tb.pool_name();
+    let path = tb.virsh_ok(&["vol-path", vol, "--pool", &pool]);
+    let out = std::process::Command::new("touch")
+        .args(["-m", "-d", "2 hours ago", path.trim()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "touch {path}: {out:?}");
+    // Best effort: a refresh fails while another process builds a volume.
+    let _ = tb.virsh(&["pool-refresh", &pool]);
+}
+
+#[test]
+fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
+    let tb = testbed();
+    let sc = Stemcell::import(tb);
+    let pool = tb.pool_name();
+    let net = net_name(tb);
+    let ip_old = free_ip(tb, 100, 120, &HashSet::new());
+    let ip_fresh = free_ip(tb, 100, 120, &HashSet::from([ip_old.clone()]));
+
+    // Killed long ago: every volume untouched for two hours.
+    let (old, old_mac) = killed_create(tb, &ip_old);
+    age_volume(tb, &format!("{old}-root"));
+    age_volume(tb, &format!("{old}-config.iso"));
+    // Could be a live create_vm that has not defined its domain yet.
+    let (fresh, fresh_mac) = killed_create(tb, &ip_fresh);
+    // One volume still being written: the CID is not abandoned.
+    let mixed = format!("vm-{}", uuid::Uuid::new_v4());
+    tb.virsh_ok(&["vol-create-as", &pool, &format!("{mixed}-root"), "1M"]);
+    tb.virsh_ok(&["vol-create-as", &pool, &format!("{mixed}-ephemeral"), "1M"]);
+    age_volume(tb, &format!("{mixed}-root"));
+    // A detached persistent disk, as old: never a VM's leftover.
+    let hex = uuid::Uuid::new_v4().simple().to_string();
+    let disk = format!("disk-{}", &hex[..15]);
+    tb.virsh_ok(&["vol-create-as", &pool, &disk, "1M"]);
+    age_volume(tb, &disk);
+
+    let r = call(
+        &tb.config,
+        "create_vm",
+        json!(["agent-sweep", sc.cid, {"memory": 64}, {"d": {"type": "dynamic"}}, [], {}]),
+    );
+    // Look at what is left, then clean up before judging.
+    let vols = tb.volumes();
+    let hosts = dhcp_hosts(tb, &net);
+    if let Some(vm) = r["result"][0].as_str() {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    for vm in [&old, &fresh, &mixed] {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    tb.virsh_ok(&["vol-delete", &disk, "--pool", &pool]);
+
+    assert!(r["error"].is_null(), "create_vm failed: {r}");
+    let of = |vm: &str| -> Vec<&String> {
+        vols.iter()
+            .filter(|v| v.starts_with(&format!("{vm}-")))
+            .collect()
+    };
+    let reserved = |vm: &str, mac: &str| hosts.iter().any(|h| h.1 == vm || h.0 == mac);
+    assert!(
+        of(&old).is_empty(),
+        "abandoned volumes not swept: {:?}",
+        of(&old)
+    );
+    assert!(
+        !reserved(&old, &old_mac),
+        "abandoned DHCP entry not swept: {hosts:?}"
+    );
+    assert_eq!(of(&fresh).len(), 2, "a fresh CID was swept: {vols:?}");
+    assert!(
+        reserved(&fresh, &fresh_mac),
+        "a fresh CID's DHCP entry was swept"
+    );
+    assert_eq!(
+        of(&mixed).len(),
+        2,
+        "a CID with a fresh volume was swept: {vols:?}"
+    );
+    assert!(vols.contains(&disk), "a persistent disk was swept");
+    assert_no_trace(tb, &old, &[old_mac]);
+    assert_no_trace(tb, &fresh, &[fresh_mac]);
 }

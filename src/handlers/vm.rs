@@ -10,6 +10,14 @@
 //! delete_vm removes only what belongs to the VM: the domain, volumes named
 //! `<vm_cid>-*` (never a persistent disk, attached or not, never a stemcell)
 //! and its DHCP host entries. It reports success only when it saw them gone.
+//!
+//! A create_vm killed mid-way (kill -9, host crash) never runs its journal,
+//! and the director never learned that CID. So every create_vm, once it has
+//! its root overlay, also sweeps VM CIDs that have volumes but no domain and
+//! whose volumes all have been untouched for 30 minutes by the host's clock
+//! (read from the overlay just made), with delete_vm's own sweep. A kill
+//! before the root overlay existed leaves only DHCP entries, which carry no
+//! age: those are not swept.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -507,6 +515,7 @@ fn make_vm(
     )?;
     journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
+    sweep_killed_creates(lv, log, m.pool, &root, &root_name, vm_cid);
     let root_path = vol_path(&root, &root_name)?;
 
     // 3. Ephemeral disk, sparse.
@@ -691,16 +700,50 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
         None => false,
     };
 
+    let mut problems = sweep_vm_leftovers(lv, &pool, vm_cid, &dhcp, log)?;
+
+    // Only report success for what is verifiably gone.
+    if lv.find_domain(vm_cid)?.is_some() {
+        problems.push(format!("domain {vm_cid} still exists"));
+    }
+    let left = lv.volume_names_with_prefix(&pool, &prefix)?;
+    if !left.is_empty() {
+        problems.push(format!("volumes still there: {}", left.join(", ")));
+    }
+    if !problems.is_empty() {
+        return Err(CpiError::cloud(format!(
+            "deleting {vm_cid}: {}",
+            problems.join("; ")
+        )));
+    }
+    log.summary(if existed {
+        format!("deleted {vm_cid}")
+    } else {
+        format!("{vm_cid} was already gone; leftovers swept")
+    });
+    Ok(Value::Null)
+}
+
+/// Removes what is left of `vm_cid` once its domain is gone: its volumes
+/// (`<vm_cid>-*` only: root overlay, ephemeral disk, config drive) and the
+/// DHCP entries named after it or matching one of `dhcp` (libvirt network,
+/// pattern). Returns what could not be removed; errors when it could not look.
+fn sweep_vm_leftovers(
+    lv: &Libvirt,
+    pool: &StoragePool,
+    vm_cid: &str,
+    dhcp: &[(String, DhcpHost)],
+    log: &mut Logger,
+) -> Result<Vec<String>> {
+    let prefix = format!("{vm_cid}-");
     let mut problems = Vec::new();
-    // Volumes of this VM only: root overlay, ephemeral disk, config drive.
-    for name in lv.volume_names_with_prefix(&pool, &prefix)? {
-        match lv.delete_volume(&pool, &name) {
+    for name in lv.volume_names_with_prefix(pool, &prefix)? {
+        match lv.delete_volume(pool, &name) {
             Ok(true) => log.info(format!("deleted volume {name}")),
             Ok(false) => {}
             Err(e) => problems.push(e.message),
         }
     }
-    // DHCP entries: those recorded, those for its MACs, and any named after it.
     for net_name in lv.network_names()? {
         let Some(net) = lv.find_network(&net_name)? else {
             continue;
@@ -726,27 +769,90 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
             }
         }
     }
+    Ok(problems)
+}
 
-    // Only report success for what is verifiably gone.
-    if lv.find_domain(vm_cid)?.is_some() {
-        problems.push(format!("domain {vm_cid} still exists"));
+// ---------------------------------------------------------------------------
+// Leftovers of killed create_vm calls
+// ---------------------------------------------------------------------------
+
+/// A create_vm makes its volumes within seconds and defines its domain right
+/// after; volumes of a domain-less CID untouched this long belong to a
+/// create_vm that was killed (its journal never ran and the director never
+/// learned the CID, so no delete_vm will ever come for it).
+const ABANDONED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
+
+/// Best effort, never fails create_vm: removes the leftovers of killed
+/// create_vm calls with delete_vm's sweep of a vanished VM. `root` is the
+/// overlay this call just created: its mtime is "now" on the host's clock.
+fn sweep_killed_creates(
+    lv: &Libvirt,
+    log: &mut Logger,
+    pool: &StoragePool,
+    root: &StorageVol,
+    root_name: &str,
+    own_cid: &str,
+) {
+    let found = lv
+        .volume_facts(root, root_name)
+        .and_then(|f| {
+            f.mtime
+                .ok_or_else(|| CpiError::cloud(format!("libvirt reports no mtime for {root_name}")))
+        })
+        .and_then(|host_now| abandoned_vm_cids(lv, pool, host_now, own_cid));
+    let cids = match found {
+        Ok(cids) => cids,
+        Err(e) => {
+            log.warn(format!(
+                "not sweeping leftovers of killed create_vm calls: {}",
+                e.message
+            ));
+            return;
+        }
+    };
+    for vm in cids {
+        log.info(format!(
+            "{vm} has no domain and its volumes are untouched for over {} minutes: removing what a killed create_vm left",
+            ABANDONED_MAX_AGE_SECS / 60.0
+        ));
+        match sweep_vm_leftovers(lv, pool, &vm, &[], log) {
+            Ok(problems) if problems.is_empty() => {}
+            Ok(problems) => log.warn(format!("sweeping {vm}: {}", problems.join("; "))),
+            Err(e) => log.warn(format!("sweeping {vm}: {}", e.message)),
+        }
     }
-    let left = lv.volume_names_with_prefix(&pool, &prefix)?;
-    if !left.is_empty() {
-        problems.push(format!("volumes still there: {}", left.join(", ")));
+}
+
+/// VM CIDs other than `own` that have `<cid>-*` volumes but no domain, and
+/// whose volumes are ALL untouched for `ABANDONED_MAX_AGE_SECS` before
+/// `host_now` (a live create_vm that has not defined its domain yet has fresh
+/// ones).
+fn abandoned_vm_cids(
+    lv: &Libvirt,
+    pool: &StoragePool,
+    host_now: f64,
+    own: &str,
+) -> Result<Vec<String>> {
+    let names = lv.volume_names(pool)?;
+    let mut by_vm: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for name in &names {
+        if let Some(vm) = cid::vm_cid_of_volume(name).filter(|vm| *vm != own) {
+            by_vm.entry(vm).or_default().push(name);
+        }
     }
-    if !problems.is_empty() {
-        return Err(CpiError::cloud(format!(
-            "deleting {vm_cid}: {}",
-            problems.join("; ")
-        )));
+    let mut abandoned = Vec::new();
+    'vms: for (vm, vols) in by_vm {
+        if lv.find_domain(vm)?.is_some() {
+            continue;
+        }
+        for vol in vols {
+            if !lv.volume_untouched_for(pool, vol, ABANDONED_MAX_AGE_SECS, host_now)? {
+                continue 'vms;
+            }
+        }
+        abandoned.push(vm.to_string());
     }
-    log.summary(if existed {
-        format!("deleted {vm_cid}")
-    } else {
-        format!("{vm_cid} was already gone; leftovers swept")
-    });
-    Ok(Value::Null)
+    Ok(abandoned)
 }
 
 // ---------------------------------------------------------------------------

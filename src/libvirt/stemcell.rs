@@ -99,17 +99,9 @@ impl Libvirt {
                 continue;
             }
             if is_stemcell_cid(name) && !has(&marker_name(name)) {
-                let Some(vol) = self.find_volume(pool, name)? else {
-                    continue;
-                };
-                let facts = match self.volume_facts(&vol, name) {
-                    Ok(f) => f,
-                    // Deleted under our feet by another sweep or delete.
-                    Err(_) if self.find_volume(pool, name)?.is_none() => continue,
-                    Err(e) => return Err(e),
-                };
-                let Some(mtime) = facts.mtime else { continue };
-                if host_now - mtime > max_age && self.delete_volume(pool, name)? {
+                if self.volume_untouched_for(pool, name, max_age, host_now)?
+                    && self.delete_volume(pool, name)?
+                {
                     removed.push(name.clone());
                 }
             } else if let Some(base) = name.strip_suffix(".meta") {

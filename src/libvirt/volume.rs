@@ -107,6 +107,32 @@ impl Libvirt {
         Ok(facts)
     }
 
+    /// Whether the file of volume `name` has not changed for more than
+    /// `max_age` seconds before `host_now`, a time read on the libvirt host
+    /// (the mtime of a volume the caller just created: no clock skew between
+    /// CPI and host). False when libvirt reports no mtime or the volume is
+    /// gone (deleted meanwhile by another process): a sweep then leaves it.
+    pub fn volume_untouched_for(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        max_age: f64,
+        host_now: f64,
+    ) -> Result<bool> {
+        let Some(vol) = self.find_volume(pool, name)? else {
+            return Ok(false);
+        };
+        // Asking for the XML makes libvirt re-read the file's timestamps.
+        let xml = match vol.xml_desc(0) {
+            Ok(x) => x,
+            Err(_) if self.find_volume(pool, name)?.is_none() => return Ok(false),
+            Err(e) => return Err(lv_error(format!("reading the XML of volume {name}"), e)),
+        };
+        let facts = parse_volume_xml(&xml)
+            .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))?;
+        Ok(facts.mtime.is_some_and(|m| host_now - m > max_age))
+    }
+
     pub fn resize_volume(&self, vol: &StorageVol, name: &str, capacity: u64) -> Result<()> {
         vol.resize(capacity, 0).map_err(|e| {
             lv_error(

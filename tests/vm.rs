@@ -774,7 +774,22 @@ fn secrets_in_env_never_reach_the_logs() {
     assert!(run.response["error"].is_null(), "{}", run.response);
     let vm = run.response["result"][0].as_str().unwrap().to_string();
     let xml = tb.virsh_ok(&["dumpxml", &vm, "--inactive"]);
+    let iso = tb.virsh_ok(&[
+        "vol-path",
+        "--pool",
+        &tb.pool_name(),
+        &format!("{vm}-config.iso"),
+    ]);
+    let iso_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(iso.trim()).unwrap().permissions().mode()
+    };
     ok(&config, "delete_vm", json!([vm]));
+    assert_eq!(
+        iso_mode & 0o077,
+        0,
+        "the config drive must be readable by its owner only: {iso_mode:o}"
+    );
     assert!(
         !run.stderr.contains(&secret),
         "secret on stderr:\n{}",

@@ -51,12 +51,14 @@ impl Libvirt {
         )
     }
 
+    /// The directory is 0711: the QEMU user must reach the images in it, but
+    /// nobody needs to list it.
     fn define_pool(&self, cfg: &PoolConfig) -> Result<StoragePool> {
         let name = &cfg.name;
         let path = cfg.path.as_deref().unwrap_or_default();
         let xml = format!(
             "<pool type='dir'><name>{}</name><target><path>{}</path>\
-             <permissions><mode>0755</mode></permissions></target></pool>",
+             <permissions><mode>0711</mode></permissions></target></pool>",
             xml_escape(name),
             xml_escape(path)
         );

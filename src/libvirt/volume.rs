@@ -40,10 +40,24 @@ fn volume_xml(name: &str, capacity: u64, format: DiskFormat) -> String {
     format!(
         "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
          <allocation unit='bytes'>0</allocation><target><format type='{}'/>\
-         <permissions><mode>0644</mode></permissions></target></volume>",
+         <permissions><mode>{}</mode></permissions></target></volume>",
         xml_escape(name),
-        format.as_str()
+        format.as_str(),
+        volume_mode(name)
     )
+}
+
+/// Stemcells are public OS images that many VMs' overlays read: 0644. Every
+/// other volume may hold secrets (the config drive carries the agent's
+/// credentials) or a deployment's data: readable by its owner only (libvirt
+/// hands a VM's images to the QEMU user when it starts the VM).
+fn volume_mode(name: &str) -> &'static str {
+    let base = name.strip_suffix(".meta").unwrap_or(name);
+    if crate::cid::is_stemcell_cid(base) {
+        "0644"
+    } else {
+        "0600"
+    }
 }
 
 impl Libvirt {
@@ -305,6 +319,23 @@ mod tests {
         assert_eq!(f.backing_path.as_deref(), Some("/p/sc-1"));
         assert_eq!(f.capacity, 128 << 20);
         assert!(xml.contains("<format type='raw'/></backingStore>"), "{xml}");
+    }
+
+    #[test]
+    fn only_stemcells_are_world_readable() {
+        let sc = "sc-2f7d3c9e-8a41-4c55-b6f0-0a9e3d12c4b7";
+        assert_eq!(volume_mode(sc), "0644");
+        assert_eq!(volume_mode(&format!("{sc}.meta")), "0644");
+        for name in [
+            "vm-1-config.iso",
+            "vm-1-ephemeral",
+            "disk-0f3a9c21b7e54d8",
+            "disk-0f3a9c21b7e54d8.tags",
+            "snap-x",
+        ] {
+            assert_eq!(volume_mode(name), "0600", "{name}");
+        }
+        assert!(volume_xml("vm-1-config.iso", 1, DiskFormat::Raw).contains("<mode>0600</mode>"));
     }
 
     #[test]

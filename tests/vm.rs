@@ -833,11 +833,37 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
     let net = net_name(tb);
     let ip_old = free_ip(tb, 100, 120, &HashSet::new());
     let ip_fresh = free_ip(tb, 100, 120, &HashSet::from([ip_old.clone()]));
+    let ip_held = free_ip(
+        tb,
+        100,
+        120,
+        &HashSet::from([ip_old.clone(), ip_fresh.clone()]),
+    );
 
     // Killed long ago: every volume untouched for two hours.
     let (old, old_mac) = killed_create(tb, &ip_old);
     age_volume(tb, &format!("{old}-root"));
     age_volume(tb, &format!("{old}-config.iso"));
+    // As old, but a domain under another name (defined, never started) uses
+    // its root volume: still in use, never swept.
+    let (held, held_mac) = killed_create(tb, &ip_held);
+    age_volume(tb, &format!("{held}-root"));
+    age_volume(tb, &format!("{held}-config.iso"));
+    let holder = format!("held-{}", uuid::Uuid::new_v4());
+    let held_root = tb.virsh_ok(&["vol-path", &format!("{held}-root"), "--pool", &pool]);
+    let holder_xml = scratch_dir("held").join("domain.xml");
+    std::fs::write(
+        &holder_xml,
+        format!(
+            "<domain type='qemu'><name>{holder}</name><memory unit='MiB'>32</memory>\
+             <os><type arch='x86_64'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+            held_root.trim()
+        ),
+    )
+    .unwrap();
+    tb.virsh_ok(&["define", holder_xml.to_str().unwrap()]);
     // Could be a live create_vm that has not defined its domain yet.
     let (fresh, fresh_mac) = killed_create(tb, &ip_fresh);
     // One volume still being written: the CID is not abandoned.
@@ -862,7 +888,8 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
     if let Some(vm) = r["result"][0].as_str() {
         ok(&tb.config, "delete_vm", json!([vm]));
     }
-    for vm in [&old, &fresh, &mixed] {
+    tb.virsh_ok(&["undefine", &holder]);
+    for vm in [&old, &fresh, &mixed, &held] {
         ok(&tb.config, "delete_vm", json!([vm]));
     }
     tb.virsh_ok(&["vol-delete", &disk, "--pool", &pool]);
@@ -894,6 +921,16 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
         "a CID with a fresh volume was swept: {vols:?}"
     );
     assert!(vols.contains(&disk), "a persistent disk was swept");
+    assert_eq!(
+        of(&held).len(),
+        2,
+        "volumes a domain named {holder} uses were swept: {vols:?}"
+    );
+    assert!(
+        reserved(&held, &held_mac),
+        "the DHCP entry of a CID whose volume is in use was swept"
+    );
     assert_no_trace(tb, &old, &[old_mac]);
     assert_no_trace(tb, &fresh, &[fresh_mac]);
+    assert_no_trace(tb, &held, &[held_mac]);
 }

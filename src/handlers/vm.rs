@@ -15,7 +15,8 @@
 //! and the director never learned that CID. So every create_vm, once it has
 //! its root overlay, also sweeps VM CIDs that have volumes but no domain and
 //! whose volumes all have been untouched for 30 minutes by the host's clock
-//! (read from the overlay just made), with delete_vm's own sweep. A kill
+//! (read from the overlay just made) and are used by no domain of any name
+//! (live or persistent XML), with delete_vm's own sweep. A kill
 //! before the root overlay existed leaves only DHCP entries, which carry no
 //! age: those are not swept.
 
@@ -34,6 +35,7 @@ use crate::cid;
 use crate::config::Config;
 use crate::configdrive;
 use crate::error::{CpiError, ErrorKind, Result};
+use crate::libvirt::disk::DiskRef;
 use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
 use crate::libvirt::network::{random_mac, DhcpHost, NetworkInfo};
 use crate::libvirt::stemcell::marker_name;
@@ -515,7 +517,15 @@ fn make_vm(
     )?;
     journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
-    sweep_killed_creates(lv, log, m.pool, &root, &root_name, vm_cid);
+    sweep_killed_creates(
+        lv,
+        log,
+        m.pool,
+        &config.pool.name,
+        &root,
+        &root_name,
+        vm_cid,
+    );
     let root_path = vol_path(&root, &root_name)?;
 
     // 3. Ephemeral disk, sparse.
@@ -789,6 +799,7 @@ fn sweep_killed_creates(
     lv: &Libvirt,
     log: &mut Logger,
     pool: &StoragePool,
+    pool_name: &str,
     root: &StorageVol,
     root_name: &str,
     own_cid: &str,
@@ -799,7 +810,7 @@ fn sweep_killed_creates(
             f.mtime
                 .ok_or_else(|| CpiError::cloud(format!("libvirt reports no mtime for {root_name}")))
         })
-        .and_then(|host_now| abandoned_vm_cids(lv, pool, host_now, own_cid));
+        .and_then(|host_now| abandoned_vm_cids(lv, pool, pool_name, host_now, own_cid, log));
     let cids = match found {
         Ok(cids) => cids,
         Err(e) => {
@@ -826,12 +837,15 @@ fn sweep_killed_creates(
 /// VM CIDs other than `own` that have `<cid>-*` volumes but no domain, and
 /// whose volumes are ALL untouched for `ABANDONED_MAX_AGE_SECS` before
 /// `host_now` (a live create_vm that has not defined its domain yet has fresh
-/// ones).
+/// ones), and that no domain of any name uses (a renamed domain, or one an
+/// operator defined on those files, keeps them).
 fn abandoned_vm_cids(
     lv: &Libvirt,
     pool: &StoragePool,
+    pool_name: &str,
     host_now: f64,
     own: &str,
+    log: &mut Logger,
 ) -> Result<Vec<String>> {
     let names = lv.volume_names(pool)?;
     let mut by_vm: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -845,8 +859,27 @@ fn abandoned_vm_cids(
         if lv.find_domain(vm)?.is_some() {
             continue;
         }
-        for vol in vols {
+        for vol in &vols {
             if !lv.volume_untouched_for(pool, vol, ABANDONED_MAX_AGE_SECS, host_now)? {
+                continue 'vms;
+            }
+        }
+        // Only CIDs that passed the cheap checks get the scan of every domain.
+        for vol in &vols {
+            let Some(v) = lv.find_volume(pool, vol)? else {
+                continue;
+            };
+            let path = vol_path(&v, vol)?;
+            let r = DiskRef {
+                cid: vol,
+                path: Some(&path),
+                pool: pool_name,
+            };
+            if let Some(h) = lv.disk_holders(&r)?.first() {
+                log.warn(format!(
+                    "{vm} has no domain of that name, but domain {} uses its volume {vol}: not sweeping it",
+                    h.domain
+                ));
                 continue 'vms;
             }
         }

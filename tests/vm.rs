@@ -934,3 +934,98 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
     assert_no_trace(tb, &fresh, &[fresh_mac]);
     assert_no_trace(tb, &held, &[held_mac]);
 }
+
+/// Adds a DHCP host entry to the test network by hand.
+fn add_host(tb: &Testbed, xml: &str) {
+    tb.virsh_ok(&[
+        "net-update",
+        &net_name(tb),
+        "add-last",
+        "ip-dhcp-host",
+        xml,
+        "--live",
+        "--config",
+    ]);
+}
+
+#[test]
+fn a_stale_reservation_of_a_killed_create_is_reclaimed_a_live_one_is_not() {
+    let tb = testbed();
+    let sc = Stemcell::import(tb);
+    let pool = tb.pool_name();
+    let net = net_name(tb);
+    let ip_stale = free_ip(tb, 120, 127, &HashSet::new());
+    let ip_live = free_ip(tb, 120, 127, &HashSet::from([ip_stale.clone()]));
+    let b = uuid::Uuid::new_v4().into_bytes();
+
+    // Killed between reserving and making its root disk: only the entry is left.
+    let stale = format!("vm-{}", uuid::Uuid::new_v4());
+    let stale_mac = format!("52:54:00:ee:{:02x}:{:02x}", b[0], b[1]);
+    add_host(
+        tb,
+        &format!("<host mac='{stale_mac}' name='{stale}' ip='{ip_stale}'/>"),
+    );
+    // A create_vm that has its root disk but no domain yet: its entry is live.
+    let live = format!("vm-{}", uuid::Uuid::new_v4());
+    let live_mac = format!("52:54:00:ef:{:02x}:{:02x}", b[0], b[1]);
+    add_host(
+        tb,
+        &format!("<host mac='{live_mac}' name='{live}' ip='{ip_live}'/>"),
+    );
+    tb.virsh_ok(&["vol-create-as", &pool, &format!("{live}-root"), "1M"]);
+
+    let create = |ip: &str| {
+        run_cpi_raw(
+            Some(&tb.config),
+            &director_request(
+                "create_vm",
+                json!(["agent-stale", sc.cid, {"memory": 64}, {"default": manual(ip)}, [], {}]),
+            ),
+        )
+    };
+    let on_stale = create(&ip_stale);
+    let on_live = create(&ip_live);
+    let hosts = dhcp_hosts(tb, &net);
+    let new_vm = on_stale.response["result"][0].as_str().map(str::to_string);
+    if let Some(vm) = &new_vm {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    if let Some(vm) = on_live.response["result"][0].as_str() {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    for vm in [&stale, &live] {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+
+    let new_vm = new_vm.unwrap_or_else(|| panic!("create_vm on a stale IP: {}", on_stale.response));
+    assert!(
+        !hosts.iter().any(|h| h.1 == stale || h.0 == stale_mac),
+        "stale entry left: {hosts:?}"
+    );
+    assert!(
+        hosts.iter().any(|h| h.1 == new_vm && h.2 == ip_stale),
+        "{new_vm} does not hold {ip_stale}: {hosts:?}"
+    );
+    assert!(
+        on_stale.stderr.contains("removing stale DHCP host") && on_stale.stderr.contains(&stale),
+        "no warning naming the removed entry:\n{}",
+        on_stale.stderr
+    );
+    let e = &on_live.response["error"];
+    assert_eq!(
+        e["type"], "Bosh::Clouds::VMCreationFailed",
+        "{}",
+        on_live.response
+    );
+    let m = e["message"].as_str().unwrap();
+    assert!(m.contains("already reserved") && m.contains(&live), "{m}");
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.1 == live && h.0 == live_mac && h.2 == ip_live),
+        "a live reservation was removed: {hosts:?}"
+    );
+    assert_no_trace(tb, &stale, &[stale_mac]);
+    assert_no_trace(tb, &live, &[live_mac]);
+    assert_no_trace(tb, &new_vm, &[]);
+}

@@ -848,11 +848,37 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
     let net = net_name(tb);
     let ip_old = free_ip(tb, 100, 120, &HashSet::new());
     let ip_fresh = free_ip(tb, 100, 120, &HashSet::from([ip_old.clone()]));
+    let ip_held = free_ip(
+        tb,
+        100,
+        120,
+        &HashSet::from([ip_old.clone(), ip_fresh.clone()]),
+    );
 
     // Killed long ago: every volume untouched for two hours.
     let (old, old_mac) = killed_create(tb, &ip_old);
     age_volume(tb, &format!("{old}-root"));
     age_volume(tb, &format!("{old}-config.iso"));
+    // As old, but a domain under another name (defined, never started) uses
+    // its root volume: still in use, never swept.
+    let (held, held_mac) = killed_create(tb, &ip_held);
+    age_volume(tb, &format!("{held}-root"));
+    age_volume(tb, &format!("{held}-config.iso"));
+    let holder = format!("held-{}", uuid::Uuid::new_v4());
+    let held_root = tb.virsh_ok(&["vol-path", &format!("{held}-root"), "--pool", &pool]);
+    let holder_xml = scratch_dir("held").join("domain.xml");
+    std::fs::write(
+        &holder_xml,
+        format!(
+            "<domain type='qemu'><name>{holder}</name><memory unit='MiB'>32</memory>\
+             <os><type arch='x86_64'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+            held_root.trim()
+        ),
+    )
+    .unwrap();
+    tb.virsh_ok(&["define", holder_xml.to_str().unwrap()]);
     // Could be a live create_vm that has not defined its domain yet.
     let (fresh, fresh_mac) = killed_create(tb, &ip_fresh);
     // One volume still being written: the CID is not abandoned.
@@ -877,7 +903,8 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
     if let Some(vm) = r["result"][0].as_str() {
         ok(&tb.config, "delete_vm", json!([vm]));
     }
-    for vm in [&old, &fresh, &mixed] {
+    tb.virsh_ok(&["undefine", &holder]);
+    for vm in [&old, &fresh, &mixed, &held] {
         ok(&tb.config, "delete_vm", json!([vm]));
     }
     tb.virsh_ok(&["vol-delete", &disk, "--pool", &pool]);
@@ -909,6 +936,111 @@ fn create_vm_sweeps_what_killed_creates_left_and_nothing_else() {
         "a CID with a fresh volume was swept: {vols:?}"
     );
     assert!(vols.contains(&disk), "a persistent disk was swept");
+    assert_eq!(
+        of(&held).len(),
+        2,
+        "volumes a domain named {holder} uses were swept: {vols:?}"
+    );
+    assert!(
+        reserved(&held, &held_mac),
+        "the DHCP entry of a CID whose volume is in use was swept"
+    );
     assert_no_trace(tb, &old, &[old_mac]);
     assert_no_trace(tb, &fresh, &[fresh_mac]);
+    assert_no_trace(tb, &held, &[held_mac]);
+}
+
+/// Adds a DHCP host entry to the test network by hand.
+fn add_host(tb: &Testbed, xml: &str) {
+    tb.virsh_ok(&[
+        "net-update",
+        &net_name(tb),
+        "add-last",
+        "ip-dhcp-host",
+        xml,
+        "--live",
+        "--config",
+    ]);
+}
+
+#[test]
+fn a_stale_reservation_of_a_killed_create_is_reclaimed_a_live_one_is_not() {
+    let tb = testbed();
+    let sc = Stemcell::import(tb);
+    let pool = tb.pool_name();
+    let net = net_name(tb);
+    let ip_stale = free_ip(tb, 120, 127, &HashSet::new());
+    let ip_live = free_ip(tb, 120, 127, &HashSet::from([ip_stale.clone()]));
+    let b = uuid::Uuid::new_v4().into_bytes();
+
+    // Killed between reserving and making its root disk: only the entry is left.
+    let stale = format!("vm-{}", uuid::Uuid::new_v4());
+    let stale_mac = format!("52:54:00:ee:{:02x}:{:02x}", b[0], b[1]);
+    add_host(
+        tb,
+        &format!("<host mac='{stale_mac}' name='{stale}' ip='{ip_stale}'/>"),
+    );
+    // A create_vm that has its root disk but no domain yet: its entry is live.
+    let live = format!("vm-{}", uuid::Uuid::new_v4());
+    let live_mac = format!("52:54:00:ef:{:02x}:{:02x}", b[0], b[1]);
+    add_host(
+        tb,
+        &format!("<host mac='{live_mac}' name='{live}' ip='{ip_live}'/>"),
+    );
+    tb.virsh_ok(&["vol-create-as", &pool, &format!("{live}-root"), "1M"]);
+
+    let create = |ip: &str| {
+        run_cpi_raw(
+            Some(&tb.config),
+            &director_request(
+                "create_vm",
+                json!(["agent-stale", sc.cid, {"memory": 64}, {"default": manual(ip)}, [], {}]),
+            ),
+        )
+    };
+    let on_stale = create(&ip_stale);
+    let on_live = create(&ip_live);
+    let hosts = dhcp_hosts(tb, &net);
+    let new_vm = on_stale.response["result"][0].as_str().map(str::to_string);
+    if let Some(vm) = &new_vm {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    if let Some(vm) = on_live.response["result"][0].as_str() {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+    for vm in [&stale, &live] {
+        ok(&tb.config, "delete_vm", json!([vm]));
+    }
+
+    let new_vm = new_vm.unwrap_or_else(|| panic!("create_vm on a stale IP: {}", on_stale.response));
+    assert!(
+        !hosts.iter().any(|h| h.1 == stale || h.0 == stale_mac),
+        "stale entry left: {hosts:?}"
+    );
+    assert!(
+        hosts.iter().any(|h| h.1 == new_vm && h.2 == ip_stale),
+        "{new_vm} does not hold {ip_stale}: {hosts:?}"
+    );
+    assert!(
+        on_stale.stderr.contains("removing stale DHCP host") && on_stale.stderr.contains(&stale),
+        "no warning naming the removed entry:\n{}",
+        on_stale.stderr
+    );
+    let e = &on_live.response["error"];
+    assert_eq!(
+        e["type"], "Bosh::Clouds::VMCreationFailed",
+        "{}",
+        on_live.response
+    );
+    let m = e["message"].as_str().unwrap();
+    assert!(m.contains("already reserved") && m.contains(&live), "{m}");
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.1 == live && h.0 == live_mac && h.2 == ip_live),
+        "a live reservation was removed: {hosts:?}"
+    );
+    assert_no_trace(tb, &stale, &[stale_mac]);
+    assert_no_trace(tb, &live, &[live_mac]);
+    assert_no_trace(tb, &new_vm, &[]);
 }

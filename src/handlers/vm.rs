@@ -15,9 +15,11 @@
 //! and the director never learned that CID. So every create_vm, once it has
 //! its root overlay, also sweeps VM CIDs that have volumes but no domain and
 //! whose volumes all have been untouched for 30 minutes by the host's clock
-//! (read from the overlay just made), with delete_vm's own sweep. A kill
+//! (read from the overlay just made) and are used by no domain of any name
+//! (live or persistent XML), with delete_vm's own sweep. A kill
 //! before the root overlay existed leaves only DHCP entries, which carry no
-//! age: those are not swept.
+//! age: such an entry is removed only when a create_vm needs its IP and its
+//! VM still has neither domain nor volumes 2 s after the clash was seen.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -34,6 +36,7 @@ use crate::cid;
 use crate::config::Config;
 use crate::configdrive;
 use crate::error::{CpiError, ErrorKind, Result};
+use crate::libvirt::disk::DiskRef;
 use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
 use crate::libvirt::network::{random_mac, DhcpHost, NetworkInfo};
 use crate::libvirt::stemcell::marker_name;
@@ -377,11 +380,12 @@ fn plan_nics(
                             "IP {ip} is asked for twice on libvirt network '{net_name}'"
                         )));
                     }
-                    if let Some(h) = info
-                        .hosts
-                        .iter()
-                        .find(|h| h.ip.as_deref() == Some(ip_text.as_str()))
-                    {
+                    // An entry named after a VM CID may be the stale leftover of a
+                    // killed create_vm: the reservation step decides (and reclaims it).
+                    if let Some(h) = info.hosts.iter().find(|h| {
+                        h.ip.as_deref() == Some(ip_text.as_str())
+                            && h.name.as_deref().and_then(vm_cid_of_dhcp_name).is_none()
+                    }) {
                         return Err(creation_failed(format!(
                             "IP {ip} is already reserved in libvirt network '{net_name}' for MAC {} ({})",
                             h.mac.as_deref().unwrap_or("?"),
@@ -467,13 +471,21 @@ fn make_vm(
         let (network, _) = &m.networks[&net_name];
         let mut host = host;
         let mut attempt = 0;
+        let mut reclaimed = false;
         loop {
             match lv.add_dhcp_host(network, &net_name, &host) {
                 Ok(()) => break,
                 Err(e) => {
-                    // Find out which field clashed: a taken IP is final, a taken MAC is luck.
+                    // Find out which field clashed: a taken IP is final (unless its
+                    // holder is a killed create_vm's stale entry), a taken MAC is luck.
                     let info = lv.network_info(network, &net_name)?;
                     if let Some(h) = info.hosts.iter().find(|h| h.ip == host.ip) {
+                        if !reclaimed
+                            && reclaim_stale_reservation(lv, m.pool, network, &net_name, h, log)?
+                        {
+                            reclaimed = true;
+                            continue;
+                        }
                         return Err(CpiError::cloud(format!(
                             "IP {} is already reserved in libvirt network '{net_name}' for MAC {} ({})",
                             host.ip.as_deref().unwrap_or("?"),
@@ -515,7 +527,15 @@ fn make_vm(
     )?;
     journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
-    sweep_killed_creates(lv, log, m.pool, &root, &root_name, vm_cid);
+    sweep_killed_creates(
+        lv,
+        log,
+        m.pool,
+        &config.pool.name,
+        &root,
+        &root_name,
+        vm_cid,
+    );
     let root_path = vol_path(&root, &root_name)?;
 
     // 3. Ephemeral disk, sparse.
@@ -776,6 +796,72 @@ fn sweep_vm_leftovers(
 // Leftovers of killed create_vm calls
 // ---------------------------------------------------------------------------
 
+/// The VM CID a DHCP host entry of this CPI is named after: `<vm_cid>` for a
+/// VM's first reservation on a network, `<vm_cid>-<n>` for the next ones.
+fn vm_cid_of_dhcp_name(name: &str) -> Option<&str> {
+    if cid::is_vm_cid(name) {
+        return Some(name);
+    }
+    let (vm, n) = name.rsplit_once('-')?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && cid::is_vm_cid(vm)).then_some(vm)
+}
+
+/// A live create_vm makes its root overlay within milliseconds of reserving
+/// its IPs; a reservation whose VM still has no domain and no volume this
+/// long after it was first seen belongs to a create_vm that was killed (or
+/// whose undo failed). DHCP entries carry no time, so this is the only age.
+const STALE_RESERVATION_RECHECK: Duration = Duration::from_secs(2);
+
+/// When `entry` (which holds the IP a reservation needs) is named after a VM
+/// CID that has no domain and no `<cid>-*` volume, now and again after
+/// `STALE_RESERVATION_RECHECK`, removes that VM's leftovers with delete_vm's
+/// sweep and returns true (the caller retries its reservation once). False
+/// when the entry is someone's live reservation.
+fn reclaim_stale_reservation(
+    lv: &Libvirt,
+    pool: &StoragePool,
+    network: &Network,
+    net_name: &str,
+    entry: &DhcpHost,
+    log: &mut Logger,
+) -> Result<bool> {
+    let Some(vm) = entry.name.as_deref().and_then(vm_cid_of_dhcp_name) else {
+        return Ok(false);
+    };
+    let vanished = |lv: &Libvirt| -> Result<bool> {
+        Ok(lv.find_domain(vm)?.is_none()
+            && lv
+                .volume_names_with_prefix(pool, &format!("{vm}-"))?
+                .is_empty())
+    };
+    if !vanished(lv)? {
+        return Ok(false);
+    }
+    log.info(format!(
+        "{} on {net_name} belongs to {vm}, which has neither a domain nor volumes; checking again in {}s whether it is a create_vm still starting",
+        entry.to_xml(),
+        STALE_RESERVATION_RECHECK.as_secs()
+    ));
+    std::thread::sleep(STALE_RESERVATION_RECHECK);
+    let info = lv.network_info(network, net_name)?;
+    if !info.hosts.iter().any(|h| h == entry) {
+        // Gone meanwhile (its create_vm undid it): just retry.
+        return Ok(true);
+    }
+    if !vanished(lv)? {
+        return Ok(false);
+    }
+    log.warn(format!(
+        "removing stale DHCP host {} from {net_name}: {vm} still has neither a domain nor volumes (a create_vm killed before it made its root disk, or a failed undo)",
+        entry.to_xml()
+    ));
+    let problems = sweep_vm_leftovers(lv, pool, vm, &[], log)?;
+    if !problems.is_empty() {
+        log.warn(format!("sweeping {vm}: {}", problems.join("; ")));
+    }
+    Ok(problems.is_empty())
+}
+
 /// A create_vm makes its volumes within seconds and defines its domain right
 /// after; volumes of a domain-less CID untouched this long belong to a
 /// create_vm that was killed (its journal never ran and the director never
@@ -789,6 +875,7 @@ fn sweep_killed_creates(
     lv: &Libvirt,
     log: &mut Logger,
     pool: &StoragePool,
+    pool_name: &str,
     root: &StorageVol,
     root_name: &str,
     own_cid: &str,
@@ -799,7 +886,7 @@ fn sweep_killed_creates(
             f.mtime
                 .ok_or_else(|| CpiError::cloud(format!("libvirt reports no mtime for {root_name}")))
         })
-        .and_then(|host_now| abandoned_vm_cids(lv, pool, host_now, own_cid));
+        .and_then(|host_now| abandoned_vm_cids(lv, pool, pool_name, host_now, own_cid, log));
     let cids = match found {
         Ok(cids) => cids,
         Err(e) => {
@@ -826,12 +913,15 @@ fn sweep_killed_creates(
 /// VM CIDs other than `own` that have `<cid>-*` volumes but no domain, and
 /// whose volumes are ALL untouched for `ABANDONED_MAX_AGE_SECS` before
 /// `host_now` (a live create_vm that has not defined its domain yet has fresh
-/// ones).
+/// ones), and that no domain of any name uses (a renamed domain, or one an
+/// operator defined on those files, keeps them).
 fn abandoned_vm_cids(
     lv: &Libvirt,
     pool: &StoragePool,
+    pool_name: &str,
     host_now: f64,
     own: &str,
+    log: &mut Logger,
 ) -> Result<Vec<String>> {
     let names = lv.volume_names(pool)?;
     let mut by_vm: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -845,8 +935,27 @@ fn abandoned_vm_cids(
         if lv.find_domain(vm)?.is_some() {
             continue;
         }
-        for vol in vols {
+        for vol in &vols {
             if !lv.volume_untouched_for(pool, vol, ABANDONED_MAX_AGE_SECS, host_now)? {
+                continue 'vms;
+            }
+        }
+        // Only CIDs that passed the cheap checks get the scan of every domain.
+        for vol in &vols {
+            let Some(v) = lv.find_volume(pool, vol)? else {
+                continue;
+            };
+            let path = vol_path(&v, vol)?;
+            let r = DiskRef {
+                cid: vol,
+                path: Some(&path),
+                pool: pool_name,
+            };
+            if let Some(h) = lv.disk_holders(&r)?.first() {
+                log.warn(format!(
+                    "{vm} has no domain of that name, but domain {} uses its volume {vol}: not sweeping it",
+                    h.domain
+                ));
                 continue 'vms;
             }
         }
@@ -936,6 +1045,19 @@ fn title_for(metadata: &Object) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dhcp_names_of_vms() {
+        let vm = "vm-0d8e4c4e-6f37-4d4b-9e51-4c1f1f2b9a10";
+        assert_eq!(vm_cid_of_dhcp_name(vm), Some(vm));
+        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-1")), Some(vm));
+        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-12")), Some(vm));
+        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-")), None);
+        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-x")), None);
+        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}x")), None);
+        assert_eq!(vm_cid_of_dhcp_name("squat-1"), None);
+        assert_eq!(vm_cid_of_dhcp_name("vm-1"), None);
+    }
 
     #[test]
     fn titles() {

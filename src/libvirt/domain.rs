@@ -451,6 +451,8 @@ impl Libvirt {
 
     /// Asks the guest to reboot (ACPI), waits up to `grace` for it to do so,
     /// then resets the domain the hard way. A shut-off domain is started.
+    /// When events cannot be registered the guest still gets the whole
+    /// `grace` (a reboot is then invisible; only a stop ends the wait early).
     pub fn reboot_domain(
         &self,
         dom: &Domain,
@@ -466,9 +468,9 @@ impl Libvirt {
         }
         let watch = EventWatch::register(self, dom);
         let asked = dom.reboot(sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN);
-        let seen = match (&watch, asked) {
-            (Some(w), Ok(())) => w.wait(grace),
-            // Without events (or when ACPI is refused) there is nothing to wait for.
+        let seen = match (wait_plan(watch.is_some(), asked.is_ok()), &watch) {
+            (Wait::Events, Some(w)) => w.wait(grace),
+            (Wait::PollState, _) => wait_until_stopped(dom, grace),
             _ => Seen::Nothing,
         };
         drop(watch);
@@ -499,6 +501,48 @@ enum Seen {
 }
 
 type Signal = Arc<(Mutex<Seen>, Condvar)>;
+
+/// How a reboot waits for the guest after the ACPI request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// For the reboot or stop event, up to the grace period.
+    Events,
+    /// No events (registration failed) but the request went out: the guest
+    /// still gets the whole grace period; only a stop is visible by polling.
+    PollState,
+    /// The request was refused: nothing will happen, reset at once.
+    Nothing,
+}
+
+fn wait_plan(watching: bool, asked: bool) -> Wait {
+    match (watching, asked) {
+        (_, false) => Wait::Nothing,
+        (true, true) => Wait::Events,
+        (false, true) => Wait::PollState,
+    }
+}
+
+/// How often the domain state is polled when events are not available.
+const STATE_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Polls the domain's state for `grace`: `Stopped` once it is shut off,
+/// `Nothing` when the grace period ends (or the state cannot be read; the
+/// caller reads it again and reports that).
+fn wait_until_stopped(dom: &Domain, grace: Duration) -> Seen {
+    let deadline = Instant::now() + grace;
+    loop {
+        match dom.is_active() {
+            Ok(false) => return Seen::Stopped,
+            Ok(true) => {}
+            Err(_) => return Seen::Nothing,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Seen::Nothing;
+        }
+        std::thread::sleep(left.min(STATE_POLL_INTERVAL));
+    }
+}
 
 /// Reboot and lifecycle event callbacks for one domain, delivered by the
 /// event loop thread started in `Libvirt::open`; deregistered on drop.
@@ -625,6 +669,14 @@ impl Drop for EventWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reboot_waits_the_grace_period_even_without_events() {
+        assert_eq!(wait_plan(true, true), Wait::Events);
+        assert_eq!(wait_plan(false, true), Wait::PollState);
+        assert_eq!(wait_plan(true, false), Wait::Nothing);
+        assert_eq!(wait_plan(false, false), Wait::Nothing);
+    }
 
     fn spec() -> DomainSpec {
         DomainSpec {

@@ -73,22 +73,44 @@ pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
     }
     let (lv, log, config) = call.parts()?;
     let pool = lv.pool(&config.pool)?;
-    if let Some(vol) = lv.find_volume(&pool, cid)? {
-        let path = vol.path().map_err(|e| {
+    let in_use = |users: Vec<String>| {
+        let names: Vec<String> = users.iter().map(|v| user_name(v)).collect();
+        CpiError::cloud(format!(
+            "stemcell {cid} is still in use: it backs the root disk of {}; delete those VMs first",
+            names.join(", ")
+        ))
+    };
+    let image_path = match lv.find_volume(&pool, cid)? {
+        Some(vol) => Some(vol.path().map_err(|e| {
             crate::libvirt::lv_error(format!("reading the path of volume {cid}"), e)
-        })?;
-        let users = lv.volumes_backed_by(&pool, &path)?;
-        if !users.is_empty() {
-            let names: Vec<String> = users.iter().map(|v| user_name(v)).collect();
-            return Err(CpiError::cloud(format!(
-                "stemcell {cid} is still in use: it backs the root disk of {}; delete those VMs first",
-                names.join(", ")
-            )));
+        })?),
+        None => None,
+    };
+    let marker_doc = match &image_path {
+        Some(path) => {
+            let users = lv.volumes_backed_by(&pool, path)?;
+            if !users.is_empty() {
+                return Err(in_use(users));
+            }
+            lv.read_json_volume(&pool, &marker_name(cid)).ok().flatten()
         }
-    }
+        None => None,
+    };
     // Marker first: from then on the stemcell is incomplete, and a crash
     // before the image goes leaves a leftover the sweep removes.
     let marker = lv.delete_volume(&pool, &marker_name(cid))?;
+    // A create_vm that found the marker before it went may have made its
+    // overlay since (it re-checks the marker after making it): look again,
+    // and put the marker back if it did.
+    if let Some(path) = &image_path {
+        let users = lv.volumes_backed_by(&pool, path)?;
+        if !users.is_empty() {
+            if let Some(doc) = &marker_doc {
+                lv.write_json_volume(&pool, &marker_name(cid), doc)?;
+            }
+            return Err(in_use(users));
+        }
+    }
     let image = lv.delete_volume(&pool, cid)?;
     match (marker, image) {
         (_, true) => log.info(format!("deleted stemcell {cid}")),

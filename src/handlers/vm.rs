@@ -527,6 +527,14 @@ fn make_vm(
     )?;
     journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
+    // delete_stemcell removes the marker, then looks for overlays; we made the
+    // overlay, now look for the marker: one of the two always sees the other.
+    if lv.find_stemcell(m.pool, args.stemcell_cid)?.is_none() {
+        return Err(creation_failed(format!(
+            "stemcell '{}' was deleted while this VM was being created",
+            args.stemcell_cid
+        )));
+    }
     sweep_killed_creates(
         lv,
         log,

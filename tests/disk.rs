@@ -1,11 +1,14 @@
 //! Persistent disks and snapshots through the built binary, against the TLS
 //! test bed, checked against what libvirt (and the guest) really hold.
 //!
-//! Until create_vm is merged, the tests define their own plain domains named
+//! Most tests predate create_vm: they define their own plain domains named
 //! `vm-<uuid>` (q35, TCG, a qcow2 overlay on the test stemcell, spare
 //! pcie-root-ports, serial console logged to the test bed's console dir), and
 //! simulate delete_vm with destroy + undefine + deleting the VM's own volumes.
-//! Only one test boots guests (two at once, then a third).
+//! `create_env_flow_keeps_the_disk_across_vms` instead goes through the CPI
+//! only (create_stemcell, create_vm, delete_vm, ...), as `bosh create-env` does.
+//! Two tests boot guests: `hot_plug_on_running_guests` (two at once, then a
+//! third) and the create-env flow (one, then another).
 
 mod common;
 
@@ -811,5 +814,154 @@ fn detach_fails_clearly_when_the_guest_does_not_release_the_disk() {
     assert_eq!(
         err_kind("detach_disk", json!([vm.name, d])).0,
         "DiskNotAttached"
+    );
+}
+
+/// VMs made through create_vm, deleted through delete_vm on drop (a failed
+/// test leaves no domain holding the disk, so the disk's cleanup works).
+#[derive(Default)]
+struct CpiVms(Vec<String>);
+
+impl CpiVms {
+    /// create_vm with one dynamic NIC on the test network, 256 MiB, booting.
+    fn create(&mut self, stemcell: &str, agent_id: &str, disk_cids: &[&str]) -> String {
+        let result = ok(
+            cfg(),
+            "create_vm",
+            json!([agent_id, stemcell, {"cpu": 1, "memory": 256},
+                   {"default": {"type": "dynamic", "cloud_properties": {}}}, disk_cids, {}]),
+        );
+        let vm = result[0]
+            .as_str()
+            .expect("create_vm returns [cid, networks]")
+            .to_string();
+        self.0.push(vm.clone());
+        vm
+    }
+}
+
+impl Drop for CpiVms {
+    fn drop(&mut self) {
+        for vm in &self.0 {
+            let _ = call(cfg(), "delete_vm", json!([vm]));
+        }
+    }
+}
+
+/// The guest on `console` reports a disk whose serial is `serial`: at boot
+/// (`CPITEST disk <name> <serial>`) or in a disk-set line after it.
+fn guest_reports_disk(lines: &[String], serial: &str) -> bool {
+    let in_set = format!("={serial}");
+    lines.iter().any(|l| {
+        l.strip_prefix("disk ")
+            .is_some_and(|rest| rest.split_whitespace().nth(1) == Some(serial))
+            || l.strip_prefix("disks ")
+                .is_some_and(|set| set.split_whitespace().any(|w| w.ends_with(&in_set)))
+    })
+}
+
+/// A TCG boot of the test stemcell on 2 shared cores, with margin.
+const BOOT: Duration = Duration::from_secs(150);
+
+/// `bosh create-env` (cpi-contract.md 6.1), first deploy then a re-deploy,
+/// through the built binary only: the persistent disk made for VM A is
+/// attached to it, outlives A's delete_vm while still attached (no
+/// detach_disk, as create-env does), keeps its data, and is attached to the
+/// replacement VM B, which sees it; then everything is deleted.
+#[test]
+fn create_env_flow_keeps_the_disk_across_vms() {
+    let tb = tb();
+    // Drop order (reverse of declaration): VMs, then disks, then the stemcell.
+    let sc = Stemcell::import(tb);
+    let mut c = Cleanup::default();
+    let mut vms = CpiVms::default();
+    let agent_id = format!("agent-disk-e2e-{}", uuid());
+
+    // First deploy: the VM, then (once its agent is up) the disk.
+    let a = vms.create(&sc.cid, &agent_id, &[]);
+    let console_a = console_path(tb, &a);
+    wait_console(&console_a, "CPITEST ready on VM A", BOOT, |l| {
+        l.iter().any(|l| l == "ready")
+    });
+    let disk = ok(cfg(), "create_disk", json!([64, {}, a]))
+        .as_str()
+        .expect("create_disk returns a string")
+        .to_string();
+    c.disks.push(disk.clone());
+    assert_eq!(vol_capacity(&disk), 64 * MIB as u64);
+
+    // Data the "agent" would have written: a qcow2 image of the disk's size
+    // with a known first MiB, uploaded while the disk is not attached yet.
+    let data = pattern(61, MIB);
+    let dir = scratch_dir("disk-e2e");
+    let (raw, q) = (dir.join("data.raw"), dir.join("data.qcow2"));
+    let mut content = data.clone();
+    content.resize(64 * MIB, 0);
+    std::fs::write(&raw, &content).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&q)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-img convert: {out:?}");
+    upload(&disk, &std::fs::read(&q).unwrap());
+    assert!(download_qcow2_as_raw(&disk) == content, "upload went wrong");
+
+    let hint = ok(cfg(), "attach_disk", json!([a, disk]));
+    assert_hint(&hint);
+    wait_console(
+        &console_a,
+        "the disk's serial in A's disk set",
+        Duration::from_secs(60),
+        |l| guest_reports_disk(l, &disk),
+    );
+    assert_eq!(ok(cfg(), "get_disks", json!([a])), json!([disk]));
+
+    // Re-deploy: delete_vm with the disk still attached.
+    ok(cfg(), "delete_vm", json!([a]));
+    assert_eq!(ok(cfg(), "has_vm", json!([a])), json!(false));
+    assert_eq!(ok(cfg(), "has_disk", json!([disk])), json!(true));
+    assert!(
+        download_qcow2_as_raw(&disk) == content,
+        "the disk's data changed across delete_vm"
+    );
+
+    let b = vms.create(&sc.cid, &agent_id, &[&disk]);
+    assert_ne!(a, b);
+    assert_hint(&ok(cfg(), "attach_disk", json!([b, disk])));
+    // create_vm does not wait for the guest: the disk is hot-plugged during
+    // or after the boot, and the guest reports it either way.
+    let console_b = console_path(tb, &b);
+    wait_console(&console_b, "the disk's serial on VM B", BOOT, |l| {
+        guest_reports_disk(l, &disk)
+    });
+    assert_eq!(ok(cfg(), "get_disks", json!([b])), json!([disk]));
+    let live = |vm: &str| tb.virsh_ok(&["dumpxml", vm]);
+    assert!(disk_element(&live(&b), &disk).is_some());
+
+    // delete-env: detach, then the VM, the disk and the stemcell go.
+    ok(cfg(), "detach_disk", json!([b, disk]));
+    assert!(
+        disk_element(&live(&b), &disk).is_none(),
+        "still in B's live XML"
+    );
+    assert_eq!(ok(cfg(), "get_disks", json!([b])), json!([]));
+    ok(cfg(), "delete_vm", json!([b]));
+    assert_eq!(ok(cfg(), "has_vm", json!([b])), json!(false));
+    assert!(
+        download_qcow2_as_raw(&disk) == content,
+        "the disk's data changed on VM B"
+    );
+    ok(cfg(), "delete_disk", json!([disk]));
+    assert_eq!(ok(cfg(), "has_disk", json!([disk])), json!(false));
+    for v in [disk.clone(), format!("{disk}.meta"), format!("{disk}.tags")] {
+        assert!(!vol_exists(&v), "{v} left behind");
+    }
+    ok(cfg(), "delete_stemcell", json!([sc.cid]));
+    assert!(
+        !tb.volumes().iter().any(|v| v.starts_with(&sc.cid)),
+        "stemcell {} left behind",
+        sc.cid
     );
 }

@@ -10,36 +10,10 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-/// A test stemcell imported through create_stemcell; deleted on drop.
-struct Stemcell {
-    cid: String,
-}
-
-impl Stemcell {
-    fn import(tb: &Testbed) -> Stemcell {
-        let dir = tb.stemcell_dir("qcow2");
-        let cid = ok(
-            &tb.config,
-            "create_stemcell",
-            json!([dir.join("image"), {"name": "bosh-libvirt-test", "version": "1.0", "disk": 64, "disk_format": "qcow2"}]),
-        );
-        Stemcell {
-            cid: cid.as_str().unwrap().to_string(),
-        }
-    }
-}
-
-impl Drop for Stemcell {
-    fn drop(&mut self) {
-        let _ = call(&testbed().config, "delete_stemcell", json!([self.cid]));
-    }
-}
 
 fn net_name(tb: &Testbed) -> String {
     tb.config_json()["network"]["name"]
@@ -84,45 +58,6 @@ fn free_ip(tb: &Testbed, lo: u8, hi: u8, avoid: &HashSet<String>) -> String {
 fn manual(ip: &str) -> Value {
     json!({"type": "manual", "ip": ip, "netmask": "255.255.255.0", "gateway": "10.253.77.1",
            "dns": ["10.253.77.1"], "default": ["dns", "gateway"], "cloud_properties": {}})
-}
-
-fn console_path(tb: &Testbed, vm: &str) -> PathBuf {
-    tb.dir.join("consoles").join(format!("{vm}.console.log"))
-}
-
-/// Console lines starting with `CPITEST ` (prefix removed).
-fn console_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.trim_matches(|c| c == '\r' || c == ' ')
-                .strip_prefix("CPITEST ")
-                .map(str::to_string)
-        })
-        .collect()
-}
-
-fn wait_console(
-    path: &Path,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&[String]) -> bool,
-) -> Vec<String> {
-    let start = Instant::now();
-    loop {
-        let lines = console_lines(path);
-        if done(&lines) {
-            return lines;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "waited {timeout:?} for {what} on {}; console so far:\n{}",
-            path.display(),
-            lines.join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Nothing of `vm` left: no domain, no `<vm>-*` volume, no DHCP host named

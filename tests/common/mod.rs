@@ -1,12 +1,14 @@
 //! Shared helpers for the integration tests: run the built `cpi` binary the way
 //! the director does (cleared environment, one request on stdin), check every
-//! response against the director's rules, and look at what libvirt holds.
+//! response against the director's rules, and look at what libvirt holds;
+//! import the test stemcell through the CPI and read guests' serial consoles.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -280,4 +282,74 @@ pub fn err(config: &Path, method: &str, arguments: Value) -> (String, String) {
         .trim_start_matches("Bosh::Clouds::")
         .to_string();
     (t, r["error"]["message"].as_str().unwrap().to_string())
+}
+
+// ---- guests: stemcells imported through the CPI, their serial consoles ----
+
+/// A test stemcell imported through create_stemcell; deleted on drop.
+pub struct Stemcell {
+    pub cid: String,
+}
+
+impl Stemcell {
+    pub fn import(tb: &Testbed) -> Stemcell {
+        let dir = tb.stemcell_dir("qcow2");
+        let cid = ok(
+            &tb.config,
+            "create_stemcell",
+            json!([dir.join("image"), {"name": "bosh-libvirt-test", "version": "1.0", "disk": 64, "disk_format": "qcow2"}]),
+        );
+        Stemcell {
+            cid: cid.as_str().unwrap().to_string(),
+        }
+    }
+}
+
+impl Drop for Stemcell {
+    fn drop(&mut self) {
+        let _ = call(&testbed().config, "delete_stemcell", json!([self.cid]));
+    }
+}
+
+/// The serial console log the CPI gives a VM: `<console_log_dir>/<vm>.console.log`.
+pub fn console_path(tb: &Testbed, vm: &str) -> PathBuf {
+    PathBuf::from(tb.config_json()["console_log_dir"].as_str().unwrap())
+        .join(format!("{vm}.console.log"))
+}
+
+/// Console lines starting with `CPITEST ` (prefix removed).
+pub fn console_lines(path: &Path) -> Vec<String> {
+    // Lossy: early boot output may hold bytes that are not UTF-8.
+    let bytes = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| {
+            l.trim_matches(|c| c == '\r' || c == ' ')
+                .strip_prefix("CPITEST ")
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Waits until the `CPITEST` lines of a console satisfy `done`; returns them.
+pub fn wait_console(
+    path: &Path,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let lines = console_lines(path);
+        if done(&lines) {
+            return lines;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "waited {timeout:?} for {what} on {}; console so far:\n{}",
+            path.display(),
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

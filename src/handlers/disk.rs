@@ -22,7 +22,7 @@ use super::Call;
 use crate::cid;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
-use crate::libvirt::volume::{DiskFormat, VolumeFacts, MIB};
+use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts, MIB};
 use crate::method::Object;
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
@@ -31,10 +31,6 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// cloud_properties keys create_disk understands.
 const KNOWN_CLOUD_PROPERTIES: &[&str] = &["format", "source_snapshot"];
-
-pub(super) fn meta_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.meta")
-}
 
 fn tags_name(disk_cid: &str) -> String {
     format!("{disk_cid}.tags")
@@ -88,7 +84,7 @@ pub(super) fn recorded_format(
     pool: &StoragePool,
     disk: &Disk,
 ) -> Result<DiskFormat> {
-    let meta = meta_name(&disk.cid);
+    let meta = marker_name(&disk.cid);
     match call.libvirt()?.read_json_volume(pool, &meta)? {
         Some(record) => record
             .get("format")
@@ -259,12 +255,8 @@ pub fn create_disk(
         record["source_snapshot"] = json!(s);
     }
     let lv = call.libvirt()?;
-    if let Err(e) = lv.write_json_volume(&pool, &meta_name(&disk_cid), &record) {
-        // Without its record the disk is not usable: leave nothing behind.
-        let _ = lv.delete_volume(&pool, &meta_name(&disk_cid));
-        let _ = lv.delete_volume(&pool, &disk_cid);
-        return Err(e.context(format!("recording disk {disk_cid}")));
-    }
+    lv.mark_complete(&pool, &disk_cid, &record)
+        .map_err(|e| e.context(format!("recording disk {disk_cid}")))?;
     call.log.summary(format!(
         "created {size_mib} MiB {} disk {disk_cid}{}",
         format.as_str(),
@@ -314,7 +306,7 @@ pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
     // previous attempt may have stopped half-way).
     let lv = call.libvirt()?;
     lv.delete_volume(&pool, &tags_name(disk_cid))?;
-    lv.delete_volume(&pool, &meta_name(disk_cid))?;
+    lv.delete_volume(&pool, &marker_name(disk_cid))?;
     Ok(Value::Null)
 }
 

@@ -30,17 +30,13 @@ use super::disk::{checked_format, find_disk, recorded_format};
 use super::Call;
 use crate::cid;
 use crate::error::{CpiError, Result};
-use crate::libvirt::volume::{DiskFormat, VolumeFacts};
+use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts};
 use crate::method::Object;
 
 /// A live copy that makes no progress for this long is abandoned.
 const LIVE_COPY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 const PREFIX: &str = "snap-";
-
-fn meta_name(snapshot_cid: &str) -> String {
-    format!("{snapshot_cid}.meta")
-}
 
 /// `snap-<disk cid>-<YYYYMMDDTHHMMSS>-<6 hex>`: sorts by disk, then by time.
 fn new_snapshot_cid(disk_cid: &str) -> String {
@@ -92,7 +88,7 @@ pub(super) fn find_snapshot(
         return Ok(None);
     }
     let lv = call.libvirt()?;
-    if lv.find_volume(pool, &meta_name(snapshot_cid))?.is_none() {
+    if lv.find_volume(pool, &marker_name(snapshot_cid))?.is_none() {
         return Ok(None);
     }
     let Some(vol) = lv.find_volume(pool, snapshot_cid)? else {
@@ -174,11 +170,8 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         "metadata": metadata,
     });
     let lv = call.libvirt()?;
-    if let Err(e) = lv.write_json_volume(&pool, &meta_name(&snapshot_cid), &record) {
-        let _ = lv.delete_volume(&pool, &meta_name(&snapshot_cid));
-        let _ = lv.delete_volume(&pool, &snapshot_cid);
-        return Err(e.context(format!("recording snapshot {snapshot_cid}")));
-    }
+    lv.mark_complete(&pool, &snapshot_cid, &record)
+        .map_err(|e| e.context(format!("recording snapshot {snapshot_cid}")))?;
     call.log.summary(format!(
         "snapshot {snapshot_cid} of disk {disk_cid} ({consistency})"
     ));
@@ -196,7 +189,7 @@ pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {
     let pool = call.libvirt()?.pool(&cfg.pool)?;
     let lv = call.libvirt()?;
     // The marker first: a half-deleted snapshot is never taken for a usable one.
-    let marker = lv.delete_volume(&pool, &meta_name(snapshot_cid))?;
+    let marker = lv.delete_volume(&pool, &marker_name(snapshot_cid))?;
     let volume = lv.delete_volume(&pool, snapshot_cid)?;
     if marker || volume {
         call.log.summary(format!("deleted snapshot {snapshot_cid}"));

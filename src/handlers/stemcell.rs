@@ -25,7 +25,8 @@ use crate::cid::{is_stemcell_cid, is_vm_cid, new_stemcell_cid};
 use crate::error::{CpiError, Result};
 use crate::image::archive::{self, Container, Event};
 use crate::image::{self, DiskFormat, Qcow2Walk, RootImage, Segment, PREFIX_LEN};
-use crate::libvirt::stemcell::{marker_name, PARTIAL_MAX_AGE_SECS};
+use crate::libvirt::stemcell::PARTIAL_MAX_AGE_SECS;
+use crate::libvirt::volume::marker_name;
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
@@ -81,9 +82,7 @@ pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
         ))
     };
     let image_path = match lv.find_volume(&pool, cid)? {
-        Some(vol) => Some(vol.path().map_err(|e| {
-            crate::libvirt::lv_error(format!("reading the path of volume {cid}"), e)
-        })?),
+        Some(vol) => Some(lv.volume_path(&vol, cid)?),
         None => None,
     };
     let marker_doc = match &image_path {
@@ -427,7 +426,8 @@ impl Import<'_> {
         let bytes = serde_json::to_vec(&meta)
             .map_err(|e| CpiError::cloud(format!("encoding the stemcell marker: {e}")))?;
         self.lv
-            .write_small_volume(self.pool, &marker_name(self.cid), &bytes)
+            .create_volume_with(self.pool, &marker_name(self.cid), &bytes)
+            .map(|_| ())
     }
 
     /// Removes what this import created; the original error stays the

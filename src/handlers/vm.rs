@@ -39,7 +39,7 @@ use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::DiskRef;
 use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
 use crate::libvirt::network::{random_mac, DhcpHost, NetworkInfo};
-use crate::libvirt::stemcell::marker_name;
+use crate::libvirt::volume::marker_name;
 use crate::libvirt::volume::{DiskFormat, MIB};
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
@@ -284,7 +284,7 @@ fn find_stemcell(lv: &Libvirt, pool: &StoragePool, cid: &str) -> Result<Stemcell
         None => lv.volume_facts(&vol, cid)?.capacity,
     };
     Ok(Stemcell {
-        path: vol_path(&vol, cid)?,
+        path: lv.volume_path(&vol, cid)?,
         format,
         virtual_size,
     })
@@ -544,7 +544,7 @@ fn make_vm(
         &root_name,
         vm_cid,
     );
-    let root_path = vol_path(&root, &root_name)?;
+    let root_path = lv.volume_path(&root, &root_name)?;
 
     // 3. Ephemeral disk, sparse.
     let ephemeral_path = if m.ephemeral_bytes > 0 {
@@ -552,7 +552,7 @@ fn make_vm(
         let vol = lv.create_volume(m.pool, &name, m.ephemeral_bytes, DiskFormat::Raw)?;
         journal.push(Made::Volume(name.clone()));
         log.debug(format!("created {name}"));
-        Some(vol_path(&vol, &name)?)
+        Some(lv.volume_path(&vol, &name)?)
     } else {
         None
     };
@@ -576,11 +576,12 @@ fn make_vm(
     });
     let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
     let iso_name = format!("{vm_cid}-config.iso");
-    // Journaled first: a failed upload may leave the volume behind.
+    // Journaled first: should the clean-up of a failed upload fail too, the
+    // undo tries again.
     journal.push(Made::Volume(iso_name.clone()));
     let iso_vol = lv.create_volume_with(m.pool, &iso_name, &iso)?;
     log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
-    let iso_path = vol_path(&iso_vol, &iso_name)?;
+    let iso_path = lv.volume_path(&iso_vol, &iso_name)?;
 
     // 5. The domain, defined persistent, then started (not waiting for the guest).
     let spec = DomainSpec {
@@ -631,15 +632,6 @@ fn make_vm(
     lv.start_domain(&dom, vm_cid)?;
     log.debug(format!("started domain {vm_cid}"));
     Ok(())
-}
-
-fn vol_path(vol: &StorageVol, name: &str) -> Result<String> {
-    vol.path().map_err(|e| {
-        CpiError::cloud(format!(
-            "reading the path of volume {name}: {}",
-            e.message()
-        ))
-    })
 }
 
 /// Undoes a failed create_vm, newest first. Returns what could not be undone.
@@ -953,7 +945,7 @@ fn abandoned_vm_cids(
             let Some(v) = lv.find_volume(pool, vol)? else {
                 continue;
             };
-            let path = vol_path(&v, vol)?;
+            let path = lv.volume_path(&v, vol)?;
             let r = DiskRef {
                 cid: vol,
                 path: Some(&path),

@@ -17,7 +17,7 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 use virt::sys;
 
-use super::volume::{DiskFormat, MIB};
+use super::volume::{marker_name, DiskFormat, MIB};
 use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
@@ -260,7 +260,20 @@ impl Libvirt {
             size = usize::try_from(capacity).unwrap_or(size);
         }
         bytes.resize(size, b' ');
-        self.upload(&vol, name, &bytes)
+        self.write_volume(&vol, &bytes)
+            .map_err(|e| e.context(format!("writing volume {name}")))
+    }
+
+    /// Writes `record` as the marker of `volume`. Without its marker the
+    /// volume is not usable, so a failure deletes both.
+    pub fn mark_complete(&self, pool: &StoragePool, volume: &str, record: &Value) -> Result<()> {
+        let marker = marker_name(volume);
+        if let Err(e) = self.write_json_volume(pool, &marker, record) {
+            let _ = self.delete_volume(pool, &marker);
+            let _ = self.delete_volume(pool, volume);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The JSON document in a sidecar volume; `None` when the volume is absent.
@@ -274,28 +287,6 @@ impl Libvirt {
         serde_json::from_str(text)
             .map(Some)
             .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
-    }
-
-    fn upload(&self, vol: &StorageVol, name: &str, bytes: &[u8]) -> Result<()> {
-        let doing = || format!("writing volume {name}");
-        let stream = Stream::new(self.conn(), 0).map_err(|e| lv_error(doing(), e))?;
-        vol.upload(&stream, 0, bytes.len() as u64, 0)
-            .map_err(|e| lv_error(doing(), e))?;
-        let mut sent = 0;
-        while sent < bytes.len() {
-            match stream.send(&bytes[sent..]) {
-                Ok(n) if n > 0 => sent += n as usize,
-                Ok(_) => {
-                    let _ = stream.abort();
-                    return Err(CpiError::cloud(format!("{}: stream closed", doing())));
-                }
-                Err(e) => {
-                    let _ = stream.abort();
-                    return Err(lv_error(doing(), e));
-                }
-            }
-        }
-        stream.finish().map_err(|e| lv_error(doing(), e))
     }
 
     fn download(&self, vol: &StorageVol, name: &str, max: u64) -> Result<Vec<u8>> {

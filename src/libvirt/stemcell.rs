@@ -12,20 +12,15 @@
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::volume::parse_volume_xml;
+use super::volume::{marker_name, parse_volume_xml};
 use super::{is_not_found, lv_error, Libvirt};
 use crate::cid::is_stemcell_cid;
 use crate::error::{CpiError, Result};
-use crate::image::DiskFormat;
 
 /// A marker-less stemcell volume untouched this long is a leftover of a
 /// killed import (a live upload writes continuously; keepalive ends a dead
 /// connection within a minute).
 pub const PARTIAL_MAX_AGE_SECS: f64 = 30.0 * 60.0;
-
-pub fn marker_name(cid: &str) -> String {
-    format!("{cid}.meta")
-}
 
 impl Libvirt {
     /// The stemcell's image volume, only when the import completed (marker
@@ -38,22 +33,6 @@ impl Libvirt {
             return Ok(None);
         }
         self.find_volume(pool, cid)
-    }
-
-    /// Writes a small raw volume holding `content` (the completion marker).
-    pub fn write_small_volume(&self, pool: &StoragePool, name: &str, content: &[u8]) -> Result<()> {
-        let vol = self.create_volume(pool, name, content.len() as u64, DiskFormat::Raw)?;
-        let written = self
-            .start_upload(&vol, content.len() as u64, false)
-            .and_then(|mut up| {
-                up.send(content)?;
-                up.finish()
-            });
-        if let Err(e) = written {
-            let _ = vol.delete(0);
-            return Err(e.context(format!("writing volume {name}")));
-        }
-        Ok(())
     }
 
     /// Names of the volumes in the pool whose backing store is `path`.

@@ -20,6 +20,13 @@ pub use crate::image::DiskFormat;
 
 pub const MIB: u64 = 1 << 20;
 
+/// The marker of a stemcell, disk or snapshot volume: a small sidecar that
+/// records its facts and is written last and deleted first, so that a volume
+/// without one is never taken for a complete one.
+pub fn marker_name(volume: &str) -> String {
+    format!("{volume}.meta")
+}
+
 /// What libvirt reports about a volume.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VolumeFacts {
@@ -226,8 +233,9 @@ impl Libvirt {
         })
     }
 
-    /// A new raw volume holding exactly `data` (the config drive), uploaded
-    /// through libvirt so the host may be remote.
+    /// A new raw volume holding exactly `data` (a config drive, a marker),
+    /// uploaded through libvirt so the host may be remote. A failed upload
+    /// deletes the volume again.
     pub fn create_volume_with(
         &self,
         pool: &StoragePool,
@@ -235,13 +243,24 @@ impl Libvirt {
         data: &[u8],
     ) -> Result<StorageVol> {
         let vol = self.create_volume(pool, name, data.len() as u64, DiskFormat::Raw)?;
-        self.start_upload(&vol, data.len() as u64, false)
-            .and_then(|mut up| {
-                up.send(data)?;
-                up.finish()
-            })
-            .map_err(|e| e.context(format!("writing {} bytes to volume {name}", data.len())))?;
+        if let Err(e) = self.write_volume(&vol, data) {
+            let _ = vol.delete(0);
+            return Err(e.context(format!("writing {} bytes to volume {name}", data.len())));
+        }
         Ok(vol)
+    }
+
+    /// Replaces the first `data.len()` bytes of `vol` with `data`.
+    pub fn write_volume(&self, vol: &StorageVol, data: &[u8]) -> Result<()> {
+        let mut upload = self.start_upload(vol, data.len() as u64, false)?;
+        upload.send(data)?;
+        upload.finish()
+    }
+
+    /// The volume's path on the libvirt host.
+    pub fn volume_path(&self, vol: &StorageVol, name: &str) -> Result<String> {
+        vol.path()
+            .map_err(|e| lv_error(format!("reading the path of volume {name}"), e))
     }
 
     /// Names of the pool's volumes that start with `prefix`.

@@ -22,11 +22,11 @@ use virt::storage_pool::StoragePool;
 
 use super::Call;
 use crate::cid::{is_stemcell_cid, is_vm_cid, new_stemcell_cid};
-use crate::error::{CpiError, Result};
+use crate::error::{CpiError, ErrorKind, Result};
 use crate::image::archive::{self, Container, Event};
 use crate::image::{self, DiskFormat, Qcow2Walk, RootImage, Segment, PREFIX_LEN};
 use crate::libvirt::stemcell::PARTIAL_MAX_AGE_SECS;
-use crate::libvirt::volume::marker_name;
+use crate::libvirt::volume::{marker_name, MIB};
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
@@ -35,6 +35,13 @@ use crate::method::Object;
 /// memory stays at about CHUNK * (DEPTH + 3) whatever the image size.
 const CHUNK: usize = 1 << 20;
 const DEPTH: usize = 8;
+
+/// Free space is checked before the volume is made and again after every
+/// this many bytes of data, and must leave `SPACE_MARGIN` to spare: an upload
+/// that hits ENOSPC kills libvirtd 11.3 (double free), and small writes into a
+/// full pool are confirmed as if they had landed.
+const SPACE_STEP: u64 = 128 * MIB;
+const SPACE_MARGIN: u64 = 8 * MIB;
 
 pub fn create_stemcell(
     call: &mut Call,
@@ -254,6 +261,13 @@ impl Import<'_> {
             }
         }
 
+        // A qcow2 image is written whole; a raw one only where it holds data,
+        // which the guard during the upload then follows step by step.
+        let first_need = match root.format {
+            DiskFormat::Qcow2 => root.image_size,
+            DiskFormat::Raw => root.image_size.min(SPACE_STEP),
+        };
+        self.ensure_space(first_need)?;
         let vol = self
             .lv
             .create_volume(self.pool, self.cid, root.virtual_size, root.format)?;
@@ -321,7 +335,14 @@ impl Import<'_> {
             .qcow2
             .as_ref()
             .map(|h| Qcow2Walk::new(h, root.image_size));
+        let mut since_check = 0u64;
         let mut feed = |buf: &[u8]| -> Result<()> {
+            // Re-check free space as data lands: another writer may be
+            // filling the pool, and libvirtd dies when an upload hits ENOSPC.
+            if since_check >= SPACE_STEP {
+                since_check = 0;
+                self.ensure_space(root.image_size.saturating_sub(up.sent()).min(SPACE_STEP))?;
+            }
             if let Some(w) = walk.as_mut() {
                 w.feed(buf).map_err(|m| {
                     CpiError::cloud(format!("refusing stemcell image {}: {m}", self.image_path))
@@ -330,13 +351,17 @@ impl Import<'_> {
             if sparse {
                 for seg in image::segments(buf) {
                     match seg {
-                        Segment::Data(a, b) => up.send(&buf[a..b]),
+                        Segment::Data(a, b) => {
+                            since_check += (b - a) as u64;
+                            up.send(&buf[a..b])
+                        }
                         Segment::Hole(n) => up.send_hole(n as u64),
                     }
                     .map_err(|e| e.context(&doing))?;
                 }
                 Ok(())
             } else {
+                since_check += buf.len() as u64;
                 up.send(buf).map_err(|e| e.context(&doing))
             }
         };
@@ -371,6 +396,25 @@ impl Import<'_> {
             })?;
         }
         up.finish().map_err(|e| e.context(&doing))
+    }
+
+    /// Fails with NoDiskSpace, before anything is written, when the pool
+    /// cannot take `need` more bytes with `SPACE_MARGIN` to spare.
+    fn ensure_space(&self, need: u64) -> Result<()> {
+        let free = self.lv.pool_available(self.pool)?;
+        if free < need.saturating_add(SPACE_MARGIN) {
+            return Err(CpiError::new(
+                ErrorKind::NoDiskSpace,
+                format!(
+                    "importing stemcell {} needs {} MiB more in the storage pool (plus {} MiB to spare), which has {} MiB free",
+                    self.cid,
+                    need.div_ceil(MIB),
+                    SPACE_MARGIN / MIB,
+                    free / MIB
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// What libvirt now holds must be what we meant to import.

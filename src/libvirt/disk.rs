@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
-use virt::stream::Stream;
 use virt::sys;
 
 use super::volume::{marker_name, DiskFormat, MIB};
@@ -245,12 +243,12 @@ impl Libvirt {
                 bytes.len()
             )));
         }
-        let vol = match self.find_volume(pool, name)? {
-            Some(vol) => vol,
+        let (vol, created) = match self.find_volume(pool, name)? {
+            Some(vol) => (vol, false),
             None => match self.create_volume(pool, name, size as u64, DiskFormat::Raw) {
-                Ok(vol) => vol,
+                Ok(vol) => (vol, true),
                 // Lost a race with a concurrent writer of the same sidecar.
-                Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
+                Err(e) => (self.find_volume(pool, name)?.ok_or(e)?, false),
             },
         };
         let capacity = self.volume_facts(&vol, name)?.capacity;
@@ -260,8 +258,11 @@ impl Libvirt {
             size = usize::try_from(capacity).unwrap_or(size);
         }
         bytes.resize(size, b' ');
-        self.write_volume(&vol, &bytes)
-            .map_err(|e| e.context(format!("writing volume {name}")))
+        let written = self.write_volume(pool, &vol, name, &bytes);
+        if written.is_err() && created {
+            let _ = vol.delete(0);
+        }
+        written
     }
 
     /// Writes `record` as the marker of `volume`. Without its marker the
@@ -281,51 +282,18 @@ impl Libvirt {
         let Some(vol) = self.find_volume(pool, name)? else {
             return Ok(None);
         };
-        let bytes = self.download(&vol, name, SIDECAR_MAX_BYTES)?;
+        let capacity = self.volume_facts(&vol, name)?.capacity;
+        if capacity > SIDECAR_MAX_BYTES {
+            return Err(CpiError::cloud(format!(
+                "reading volume {name}: {capacity} bytes is more than a sidecar may hold ({SIDECAR_MAX_BYTES})"
+            )));
+        }
+        let bytes = self.read_volume(&vol, name, capacity)?;
         let text = String::from_utf8_lossy(&bytes);
         let text = text.trim_end_matches(|c: char| c.is_whitespace() || c == '\0');
         serde_json::from_str(text)
             .map(Some)
             .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
-    }
-
-    fn download(&self, vol: &StorageVol, name: &str, max: u64) -> Result<Vec<u8>> {
-        let doing = || format!("reading volume {name}");
-        let capacity = self.volume_facts(vol, name)?.capacity;
-        if capacity > max {
-            return Err(CpiError::cloud(format!(
-                "{}: {capacity} bytes is more than expected ({max})",
-                doing()
-            )));
-        }
-        let stream = Stream::new(self.conn(), 0).map_err(|e| lv_error(doing(), e))?;
-        vol.download(&stream, 0, capacity, 0)
-            .map_err(|e| lv_error(doing(), e))?;
-        let mut out = Vec::with_capacity(capacity as usize);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match stream.recv(&mut buf) {
-                Ok(0) => break,
-                Ok(n) if n > 0 => out.extend_from_slice(&buf[..n as usize]),
-                Ok(_) => {
-                    let _ = stream.abort();
-                    return Err(CpiError::cloud(format!("{}: stream error", doing())));
-                }
-                Err(e) => {
-                    let _ = stream.abort();
-                    return Err(lv_error(doing(), e));
-                }
-            }
-            if out.len() as u64 > max {
-                let _ = stream.abort();
-                return Err(CpiError::cloud(format!(
-                    "{}: more data than expected",
-                    doing()
-                )));
-            }
-        }
-        stream.finish().map_err(|e| lv_error(doing(), e))?;
-        Ok(out)
     }
 
     /// The disks of a domain; `None` when the domain vanished meanwhile.

@@ -59,9 +59,22 @@ impl Libvirt {
         Ok(users)
     }
 
+    /// Whether any volume in the pool is an overlay on volume `name`. An
+    /// image that backs a VM's root disk is never swept, marker or not: a
+    /// delete_stemcell killed between removing the marker and finding a new
+    /// user leaves exactly that, and the VM must keep booting.
+    fn backs_any_volume(&self, pool: &StoragePool, name: &str) -> Result<bool> {
+        let Some(vol) = self.find_volume(pool, name)? else {
+            return Ok(false);
+        };
+        let path = self.volume_path(&vol, name)?;
+        Ok(!self.volumes_backed_by(pool, &path)?.is_empty())
+    }
+
     /// Removes stemcell leftovers: image volumes without a marker whose file
     /// has not changed for `max_age` seconds before `host_now` (a time read on
-    /// the libvirt host), and markers whose image is gone. Never `keep`.
+    /// the libvirt host) and that no overlay uses, and markers whose image is
+    /// gone. Never `keep`.
     /// Returns what it removed.
     pub fn sweep_partial_stemcells(
         &self,
@@ -79,6 +92,7 @@ impl Libvirt {
             }
             if is_stemcell_cid(name) && !has(&marker_name(name)) {
                 if self.volume_untouched_for(pool, name, max_age, host_now)?
+                    && !self.backs_any_volume(pool, name)?
                     && self.delete_volume(pool, name)?
                 {
                     removed.push(name.clone());

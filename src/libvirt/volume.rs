@@ -11,11 +11,12 @@
 
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
 
 use super::domain::classified_error;
 use super::xmltree::Element;
 use super::{is_not_found, lv_error, xml_escape, Libvirt};
-use crate::error::{CpiError, Result};
+use crate::error::{CpiError, ErrorKind, Result};
 pub use crate::image::DiskFormat;
 
 pub const MIB: u64 = 1 << 20;
@@ -176,9 +177,17 @@ impl Libvirt {
         }
     }
 
+    /// Every volume in the pool. libvirt's plain name listing
+    /// (`virStoragePoolListVolumes`, the `virt` crate's `list_volumes`) stops
+    /// at 1,024 names; whatever decides what to keep or delete must see them
+    /// all, so this uses the complete object listing.
     pub fn volume_names(&self, pool: &StoragePool) -> Result<Vec<String>> {
-        pool.list_volumes()
-            .map_err(|e| lv_error("listing the volumes of the storage pool", e))
+        let doing = "listing the volumes of the storage pool";
+        pool.list_all_volumes(0)
+            .map_err(|e| lv_error(doing, e))?
+            .iter()
+            .map(|v| v.name().map_err(|e| lv_error(doing, e)))
+            .collect()
     }
 
     /// Free bytes in the pool. The pool is refreshed first so space used by
@@ -243,18 +252,77 @@ impl Libvirt {
         data: &[u8],
     ) -> Result<StorageVol> {
         let vol = self.create_volume(pool, name, data.len() as u64, DiskFormat::Raw)?;
-        if let Err(e) = self.write_volume(&vol, data) {
+        if let Err(e) = self.write_volume(pool, &vol, name, data) {
             let _ = vol.delete(0);
-            return Err(e.context(format!("writing {} bytes to volume {name}", data.len())));
+            return Err(e);
         }
         Ok(vol)
     }
 
-    /// Replaces the first `data.len()` bytes of `vol` with `data`.
-    pub fn write_volume(&self, vol: &StorageVol, data: &[u8]) -> Result<()> {
-        let mut upload = self.start_upload(vol, data.len() as u64, false)?;
-        upload.send(data)?;
-        upload.finish()
+    /// Replaces the first `data.len()` bytes of `vol` with `data`, and reads
+    /// them back: on a full pool libvirt confirms an upload whose writes
+    /// failed, leaving zeros where the record should be. A record only counts
+    /// once it reads back as written.
+    pub fn write_volume(
+        &self,
+        pool: &StoragePool,
+        vol: &StorageVol,
+        name: &str,
+        data: &[u8],
+    ) -> Result<()> {
+        let doing = || format!("writing {} bytes to volume {name}", data.len());
+        let mut upload = self
+            .start_upload(vol, data.len() as u64, false)
+            .map_err(|e| e.context(doing()))?;
+        upload.send(data).map_err(|e| e.context(doing()))?;
+        upload.finish().map_err(|e| e.context(doing()))?;
+        let back = self.read_volume(vol, name, data.len() as u64)?;
+        if back != data {
+            let free = self.pool_available(pool).unwrap_or(0);
+            let message = format!(
+                "{}: the volume does not read back what was written ({free} bytes free in the pool)",
+                doing()
+            );
+            return Err(if free < MIB {
+                CpiError::new(ErrorKind::NoDiskSpace, message)
+            } else {
+                CpiError::cloud(message)
+            });
+        }
+        Ok(())
+    }
+
+    /// The first `length` bytes of `vol`.
+    pub fn read_volume(&self, vol: &StorageVol, name: &str, length: u64) -> Result<Vec<u8>> {
+        let doing = || format!("reading volume {name}");
+        let stream = Stream::new(self.conn(), 0).map_err(|e| lv_error(doing(), e))?;
+        vol.download(&stream, 0, length, 0)
+            .map_err(|e| lv_error(doing(), e))?;
+        let mut out = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stream.recv(&mut buf) {
+                Ok(0) => break,
+                Ok(n) if n > 0 => out.extend_from_slice(&buf[..n as usize]),
+                Ok(_) => {
+                    let _ = stream.abort();
+                    return Err(CpiError::cloud(format!("{}: stream error", doing())));
+                }
+                Err(e) => {
+                    let _ = stream.abort();
+                    return Err(lv_error(doing(), e));
+                }
+            }
+            if out.len() as u64 > length {
+                let _ = stream.abort();
+                return Err(CpiError::cloud(format!(
+                    "{}: more data than asked for",
+                    doing()
+                )));
+            }
+        }
+        stream.finish().map_err(|e| lv_error(doing(), e))?;
+        Ok(out)
     }
 
     /// The volume's path on the libvirt host.

@@ -90,6 +90,49 @@ fn merge(base: &mut Value, patch: &Value) {
     }
 }
 
+/// A pool only this test uses; destroyed, undefined and removed on drop.
+pub struct PrivatePool {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: PathBuf,
+}
+
+impl PrivatePool {
+    pub fn new(tag: &str) -> PrivatePool {
+        let tb = testbed();
+        let name = format!("sctest-{tag}-{}", uuid_like());
+        let path = scratch_dir(&format!("pool-{tag}")).join("pool");
+        let config = tb.config_with(
+            &format!("cfg-{tag}"),
+            json!({"pool": {"name": name, "path": path, "create": true}}),
+        );
+        PrivatePool { name, path, config }
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        let tb = testbed();
+        let _ = tb.virsh(&["pool-refresh", &self.name]);
+        let out = tb.virsh(&["vol-list", &self.name]);
+        if !out.status.success() {
+            return Vec::new(); // not created yet
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for PrivatePool {
+    fn drop(&mut self) {
+        let tb = testbed();
+        let _ = tb.virsh(&["pool-destroy", &self.name]);
+        let _ = tb.virsh(&["pool-undefine", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Brings the test bed up once per test binary (`ci/testbed up` is idempotent
 /// and fast when it is already up) and builds the test stemcells.
 pub fn testbed() -> &'static Testbed {

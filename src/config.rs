@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{CpiError, Result};
+use crate::uri::LibvirtUri;
 
 pub const DEFAULT_STEMCELL_FORMATS: [&str; 2] = ["openstack-qcow2", "openstack-raw"];
 
@@ -152,6 +153,7 @@ impl Config {
         let Value::Object(ref mut object) = file else {
             return Err(CpiError::cloud("config must be a JSON object"));
         };
+        check_context(object, context)?;
         for key in CONFIG_KEYS {
             if let Some(overlay) = context.get(*key) {
                 match object.get_mut(*key) {
@@ -179,8 +181,12 @@ impl Config {
         if self.libvirt.uri.trim().is_empty() {
             return invalid("libvirt.uri is empty".into());
         }
-        if self.libvirt.uri.contains("no_verify=1") && !self.libvirt.insecure_skip_tls_verify {
-            return invalid("libvirt.uri turns TLS verification off (no_verify=1); set libvirt.insecure_skip_tls_verify to true if that is really wanted".into());
+        let uri = match LibvirtUri::parse(&self.libvirt.uri) {
+            Ok(uri) => uri,
+            Err(e) => return invalid(format!("libvirt.uri: {e}")),
+        };
+        if uri.skips_verification() && !self.libvirt.insecure_skip_tls_verify {
+            return invalid(format!("libvirt.uri turns verification of the {} server off (no_verify); set libvirt.insecure_skip_tls_verify to true if that is really wanted", uri.transport.as_str()));
         }
         if self.pool.name.is_empty() || self.network.name.is_empty() {
             return invalid("pool.name and network.name must not be empty".into());
@@ -208,7 +214,8 @@ impl Config {
     /// The URI actually opened: with `no_verify=1` only when explicitly asked for.
     pub fn libvirt_uri(&self) -> String {
         let uri = &self.libvirt.uri;
-        if self.libvirt.insecure_skip_tls_verify && !uri.contains("no_verify=1") {
+        let skips = LibvirtUri::parse(uri).is_ok_and(|u| u.skips_verification());
+        if self.libvirt.insecure_skip_tls_verify && !skips {
             let sep = if uri.contains('?') { '&' } else { '?' };
             format!("{uri}{sep}no_verify=1")
         } else {
@@ -228,6 +235,68 @@ pub const CONFIG_KEYS: &[&str] = &[
     "log_level",
     "reboot_grace_seconds",
 ];
+
+/// Settings only `cpi.json` may hold. A request context (where a director
+/// merges a cpi-config's properties) selects a host, a pool and a network,
+/// but cannot loosen how the host is reached or make the host write where it
+/// likes: turning verification off, creating a pool at a directory of its
+/// choosing (the pool build changes the directory's mode), or pointing the
+/// console logs at one.
+const FILE_ONLY: &[(&str, &str)] = &[
+    ("libvirt", "insecure_skip_tls_verify"),
+    ("pool", "path"),
+    ("pool", "create"),
+    ("console_log_dir", ""),
+];
+
+fn check_context(file: &Map<String, Value>, context: &Map<String, Value>) -> Result<()> {
+    let refuse = |what: String| {
+        Err(CpiError::cloud(format!(
+            "invalid request context: {what}; only the CPI's config file may set that"
+        )))
+    };
+    for (key, sub) in FILE_ONLY {
+        let set = match (context.get(*key), sub.is_empty()) {
+            (Some(_), true) => true,
+            (Some(Value::Object(o)), false) => o.contains_key(*sub),
+            _ => false,
+        };
+        if set {
+            let path = if sub.is_empty() {
+                key.to_string()
+            } else {
+                format!("{key}.{sub}")
+            };
+            return refuse(format!("it sets {path}"));
+        }
+    }
+    let Some(uri) = context
+        .get("libvirt")
+        .and_then(|l| l.get("uri"))
+        .and_then(Value::as_str)
+    else {
+        return Ok(());
+    };
+    let wanted = LibvirtUri::parse(uri)
+        .map_err(|e| CpiError::cloud(format!("invalid request context: libvirt.uri: {e}")))?;
+    if wanted.skips_verification() {
+        return refuse("its libvirt.uri turns server verification off (no_verify)".into());
+    }
+    let base = file
+        .get("libvirt")
+        .and_then(|l| l.get("uri"))
+        .and_then(Value::as_str)
+        .and_then(|u| LibvirtUri::parse(u).ok());
+    match base {
+        Some(base) if base.transport == wanted.transport => Ok(()),
+        Some(base) => refuse(format!(
+            "its libvirt.uri uses the {} transport where the config file's uses {}",
+            wanted.transport.as_str(),
+            base.transport.as_str()
+        )),
+        None => Ok(()), // the file's own URI is judged by validate()
+    }
+}
 
 /// A relative `pkipath=` in the URI names a directory beside the config file
 /// (the BOSH job renders the PKI next to cpi.json, and `bosh create-env` only
@@ -318,7 +387,9 @@ pub(crate) mod tests {
     fn context_overrides_file() {
         let ctx = json!({"director_uuid": "x", "request_id": "cpi-1", "vm": {"stemcell": {"api_version": 3}},
                          "libvirt": {"uri": "qemu+tls://kvm-2/system"}, "pool": {"name": "other"}});
-        let c = Config::from_value(sample(), ctx.as_object().unwrap()).unwrap();
+        let mut file = sample();
+        file["libvirt"]["uri"] = json!("qemu+tls://kvm-1/system?pkipath=/p");
+        let c = Config::from_value(file, ctx.as_object().unwrap()).unwrap();
         assert_eq!(c.libvirt.uri, "qemu+tls://kvm-2/system");
         assert_eq!(
             c.libvirt.domain_type,
@@ -330,6 +401,54 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_context_cannot_loosen_security_or_move_storage() {
+        let mut file = sample();
+        file["libvirt"]["uri"] = json!("qemu+tls://kvm-1/system?pkipath=/p");
+        for (ctx, expect) in [
+            (
+                json!({"libvirt": {"insecure_skip_tls_verify": true}}),
+                "libvirt.insecure_skip_tls_verify",
+            ),
+            (
+                json!({"libvirt": {"insecure_skip_tls_verify": false}}),
+                "libvirt.insecure_skip_tls_verify",
+            ),
+            (json!({"pool": {"name": "p", "path": "/etc"}}), "pool.path"),
+            (json!({"pool": {"create": true}}), "pool.create"),
+            (json!({"console_log_dir": "/etc"}), "console_log_dir"),
+            (
+                json!({"libvirt": {"uri": "qemu+tls://kvm-2/system?No_Verify=%31"}}),
+                "no_verify",
+            ),
+            (
+                json!({"libvirt": {"uri": "qemu+tcp://kvm-2/system"}}),
+                "tcp transport where the config file's uses tls",
+            ),
+            (
+                json!({"libvirt": {"uri": "qemu:///system"}}),
+                "unix transport",
+            ),
+            (json!({"libvirt": {"uri": "nonsense"}}), "not a libvirt URI"),
+        ] {
+            let e = Config::from_value(file.clone(), ctx.as_object().unwrap())
+                .unwrap_err()
+                .message;
+            assert!(
+                e.contains(expect) && e.contains("request context"),
+                "{ctx}: {e}"
+            );
+        }
+        // Another host over the same transport, its own pool and network: fine.
+        let ctx = json!({"libvirt": {"uri": "qemu+tls://kvm-2/system?pkipath=/q"},
+                         "pool": {"name": "p2"}, "network": {"name": "n2"}});
+        let c = Config::from_value(file, ctx.as_object().unwrap()).unwrap();
+        assert_eq!(
+            (c.pool.name.as_str(), c.network.name.as_str()),
+            ("p2", "n2")
+        );
+    }
+
+    #[test]
     fn tls_verification_is_only_off_when_asked() {
         let mut v = sample();
         v["libvirt"]["uri"] = json!("qemu+tls://h/system?no_verify=1");
@@ -337,6 +456,17 @@ pub(crate) mod tests {
             .unwrap_err()
             .message
             .contains("insecure_skip_tls_verify"));
+        for spelling in [
+            "NO_VERIFY=1",
+            "no_verify=2",
+            "no%5Fverify=1",
+            "no_verify=%31",
+            "no_verify=-1",
+        ] {
+            v["libvirt"]["uri"] = json!(format!("qemu+ssh://h/system?{spelling}"));
+            let e = load(v.clone()).unwrap_err().message;
+            assert!(e.contains("insecure_skip_tls_verify"), "{spelling}: {e}");
+        }
         v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p");
         v["libvirt"]["insecure_skip_tls_verify"] = json!(true);
         assert_eq!(

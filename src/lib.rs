@@ -16,6 +16,7 @@ pub mod log;
 pub mod method;
 pub mod net;
 pub mod settings;
+pub mod uri;
 pub mod vm_spec;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,0 +1,201 @@
+//! libvirt connection URIs, read the way libvirt reads them, so that a check
+//! on a URI sees what libvirt will act on: `driver[+transport]://[user@]host
+//! [:port]/path?name=value&...`, parameters split on `&` and `;`, names and
+//! values percent-decoded (libvirt's `virURIParseParams`), names compared
+//! without case (the remote driver's `STRCASEEQ` in `doRemoteOpen`), and a
+//! `no_verify` value read as an integer where anything but 0 turns
+//! verification off (`no_verify=2`, `01`, `+1` and `-1` all do).
+//!
+//! No libvirt here: the front executable checks the config without loading it.
+
+/// How the client reaches libvirtd, which decides what protects the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The local unix socket (`qemu:///system`, `qemu+unix://...`).
+    Unix,
+    /// TLS with certificates (`qemu+tls://host/...`, and `qemu://host/...`).
+    Tls,
+    /// ssh, whichever client (`+ssh`, `+libssh2`, `+libssh`).
+    Ssh,
+    /// Plain TCP: no encryption, SASL at best.
+    Tcp,
+    /// A command the operator names (`+ext`).
+    Ext,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Unix => "unix",
+            Transport::Tls => "tls",
+            Transport::Ssh => "ssh",
+            Transport::Tcp => "tcp",
+            Transport::Ext => "ext",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtUri {
+    pub transport: Transport,
+    /// Empty for a local URI.
+    pub host: String,
+    /// Decoded query parameters, in order.
+    pub params: Vec<(String, String)>,
+}
+
+impl LibvirtUri {
+    pub fn parse(uri: &str) -> Result<LibvirtUri, String> {
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| format!("'{uri}' is not a libvirt URI (driver[+transport]://...)"))?;
+        let transport_name = scheme.split_once('+').map(|(_, t)| t);
+        let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
+        let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = authority_path.split('/').next().unwrap_or("");
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = if host.starts_with('[') {
+            host.split_inclusive(']').next().unwrap_or(host)
+        } else {
+            host.split(':').next().unwrap_or(host)
+        };
+        let transport = match transport_name.map(|t| t.to_ascii_lowercase()).as_deref() {
+            None if host.is_empty() => Transport::Unix,
+            None | Some("tls") => Transport::Tls,
+            Some("unix") => Transport::Unix,
+            Some("ssh" | "libssh2" | "libssh") => Transport::Ssh,
+            Some("tcp") => Transport::Tcp,
+            Some("ext") => Transport::Ext,
+            Some(other) => return Err(format!("unknown libvirt transport '{other}' in '{uri}'")),
+        };
+        let params = query
+            .split(['&', ';'])
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (name, value) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(name), percent_decode(value))
+            })
+            .collect();
+        Ok(LibvirtUri {
+            transport,
+            host: host.to_string(),
+            params,
+        })
+    }
+
+    /// The last value of parameter `name` (libvirt lets a later one win).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .rev()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether libvirt would skip verifying the server (TLS certificate or
+    /// ssh host key): any `no_verify` whose value is not the integer 0.
+    pub fn skips_verification(&self) -> bool {
+        self.params
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("no_verify"))
+            .any(|(_, v)| strtol_prefix(v) != 0 || v.trim().is_empty())
+    }
+}
+
+/// `%XX` sequences decoded; anything else (a lone `%`, `+`) kept as it is.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The integer C's `strtol(s, NULL, 10)` reads from the start of `s`
+/// (leading blanks and a sign allowed; 0 when there are no digits). Not
+/// zero is all that matters here, so overflow just stays non-zero.
+fn strtol_prefix(s: &str) -> i64 {
+    let t = s.trim_start();
+    let (neg, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let mut n: i64 = 0;
+    for c in digits.bytes().take_while(u8::is_ascii_digit) {
+        n = n.saturating_mul(10).saturating_add(i64::from(c - b'0'));
+    }
+    if neg {
+        -n
+    } else {
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skips(uri: &str) -> bool {
+        LibvirtUri::parse(uri).unwrap().skips_verification()
+    }
+
+    #[test]
+    fn every_spelling_of_no_verify_that_libvirt_honours_is_seen() {
+        for q in [
+            "no_verify=1",
+            "NO_VERIFY=1",
+            "No_Verify=1",
+            "no_verify=2",
+            "no_verify=01",
+            "no_verify=-1",
+            "no_verify=+1",
+            "no%5Fverify=1",
+            "no%5fverify=1",
+            "no_verify=%31",
+            "pkipath=/p;no_verify=1",
+            "no_verify=0&no_verify=1",
+            "no_verify= 1",
+            "no_verify",
+        ] {
+            assert!(skips(&format!("qemu+tls://h/system?{q}")), "{q}");
+        }
+        for q in [
+            "",
+            "no_verify=0",
+            "no_verify=00",
+            "pkipath=/no_verify=1",
+            "xno_verify=1",
+        ] {
+            assert!(!skips(&format!("qemu+tls://h/system?{q}")), "{q}");
+        }
+    }
+
+    #[test]
+    fn transports() {
+        let t = |u: &str| LibvirtUri::parse(u).unwrap().transport;
+        assert_eq!(t("qemu:///system"), Transport::Unix);
+        assert_eq!(t("qemu+unix:///system?socket=/s"), Transport::Unix);
+        assert_eq!(t("qemu://h/system"), Transport::Tls);
+        assert_eq!(t("qemu+TLS://h/system"), Transport::Tls);
+        assert_eq!(t("qemu+ssh://u@h:22/system?keyfile=/k"), Transport::Ssh);
+        assert_eq!(t("qemu+libssh2://h/system"), Transport::Ssh);
+        assert_eq!(t("qemu+tcp://h/system"), Transport::Tcp);
+        assert!(LibvirtUri::parse("qemu+carrier-pigeon://h/system").is_err());
+        assert!(LibvirtUri::parse("not a uri").is_err());
+        let u = LibvirtUri::parse("qemu+ssh://bosh@[::1]:2222/system?KeyFile=/k%20x").unwrap();
+        assert_eq!(u.host, "[::1]");
+        assert_eq!(u.param("keyfile"), Some("/k x"));
+    }
+}

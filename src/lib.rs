@@ -6,6 +6,7 @@
 pub mod cid;
 pub mod config;
 pub mod configdrive;
+pub mod creator;
 pub mod envelope;
 pub mod error;
 pub mod handlers;

@@ -979,3 +979,136 @@ fn a_stale_reservation_of_a_killed_create_is_reclaimed_a_live_one_is_not() {
     assert_no_trace(tb, &live, &[live_mac]);
     assert_no_trace(tb, &new_vm, &[]);
 }
+
+/// A small deterministic generator (the fault tests' kill moments are
+/// seeded, so a failure can be replayed with FAULT_SEED=<seed>).
+struct Lcg(u64);
+
+impl Lcg {
+    fn from_env() -> Lcg {
+        let seed = std::env::var("FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_c0de);
+        eprintln!("FAULT_SEED={seed}");
+        Lcg(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// kill -9 of create_vm at seeded moments across its whole run, each time
+/// followed by what the director does next: create_vm again with the same
+/// manual IP. The retry must succeed every time (before the fix it failed
+/// with "IP ... is already reserved" whenever the kill came after the
+/// reservation), and in the end the pool holds only the stemcell, no domain
+/// carries a killed call's agent id, and the IP is free again.
+#[test]
+fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
+    const KILLS: usize = 20;
+    let tb = testbed();
+    let pool = PrivatePool::new("killcreate");
+    let image = tb.stemcell_dir("qcow2").join("image");
+    let sc = ok(
+        &pool.config,
+        "create_stemcell",
+        json!([image, {"disk_format": "qcow2"}]),
+    );
+    let sc = sc.as_str().unwrap().to_string();
+    let ip = free_ip(tb, 200, 230, &HashSet::new());
+    let request = |agent: &str| {
+        director_request(
+            "create_vm",
+            json!([agent, sc, {"memory": 64, "ephemeral_disk": {"size": 16}}, {"default": manual(&ip)}, [], {}]),
+        )
+    };
+    let create = |agent: &str| -> String {
+        let r = run_cpi_raw(Some(&pool.config), &request(agent)).response;
+        assert!(r["error"].is_null(), "create_vm for {agent}: {r}");
+        r["result"][0].as_str().unwrap().to_string()
+    };
+
+    let started = std::time::Instant::now();
+    let vm = create("agent-baseline");
+    let full = started.elapsed();
+    ok(&pool.config, "delete_vm", json!([vm]));
+
+    let mut rng = Lcg::from_env();
+    let (mut finished, mut reclaimed) = (0, 0);
+    for i in 0..KILLS {
+        let agent = format!("agent-killed-{i}-{}", uuid::Uuid::new_v4());
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cpi"))
+            .arg(&pool.config)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(&request(&agent))
+                .unwrap();
+        }
+        let delay = full.mul_f64(rng.below(110) as f64 / 100.0);
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if let Ok(r) = serde_json::from_slice::<Value>(&out.stdout) {
+            // It finished before the kill: the director has its CID.
+            finished += 1;
+            if let Some(vm) = r["result"][0].as_str() {
+                ok(&pool.config, "delete_vm", json!([vm]));
+            }
+        }
+        let retry = run_cpi_raw(Some(&pool.config), &request(&format!("agent-retry-{i}")));
+        assert!(
+            retry.response["error"].is_null(),
+            "kill {i} after {delay:?}: the retry failed: {}\n{}",
+            retry.response,
+            retry.stderr
+        );
+        if retry.stderr.contains("ended before it finished") {
+            reclaimed += 1;
+        }
+        let vm = retry.response["result"][0].as_str().unwrap().to_string();
+        ok(&pool.config, "delete_vm", json!([vm]));
+        assert_no_domain_for_agent(tb, &agent);
+    }
+    eprintln!(
+        "create_vm: {KILLS} kills over {full:?}, {finished} had finished, {reclaimed} leftovers reclaimed by the retry"
+    );
+    // The last kill's leftovers (a domain that never started) go with the
+    // next create_vm's sweep, as they would on a real host.
+    let vm = create("agent-final");
+    ok(&pool.config, "delete_vm", json!([vm]));
+    let mut left = pool.volumes();
+    left.sort();
+    assert_eq!(left, vec![sc.clone(), format!("{sc}.meta")], "volumes left");
+    for name in tb.virsh_ok(&["list", "--all", "--name"]).lines() {
+        if name.starts_with("vm-") {
+            let xml = tb.virsh(&["dumpxml", name, "--inactive"]);
+            let xml = String::from_utf8_lossy(&xml.stdout);
+            assert!(
+                !xml.contains("agent-killed-"),
+                "domain {name} of a killed create_vm"
+            );
+        }
+    }
+    assert!(
+        !dhcp_hosts(tb, &net_name(tb)).iter().any(|h| h.2 == ip),
+        "{ip} still reserved"
+    );
+    ok(&pool.config, "delete_stemcell", json!([sc]));
+}

@@ -35,6 +35,7 @@ use super::Call;
 use crate::cid;
 use crate::config::Config;
 use crate::configdrive;
+use crate::creator::{Creator, Liveness};
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::DiskRef;
 use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
@@ -461,9 +462,70 @@ fn make_vm(
     journal: &mut Vec<Made>,
 ) -> Result<()> {
     let vm_cid = m.vm_cid;
+    let dir = lv.pool_directory(m.pool, &config.pool.name)?;
+    let root_name = format!("{vm_cid}-root");
+    let ephemeral_name = (m.ephemeral_bytes > 0).then(|| format!("{vm_cid}-ephemeral"));
+    let iso_name = format!("{vm_cid}-config.iso");
+    let mut spec = DomainSpec {
+        name: vm_cid.to_string(),
+        uuid: vm_cid.trim_start_matches("vm-").to_string(),
+        domain_type: props
+            .domain_type
+            .clone()
+            .unwrap_or_else(|| config.libvirt.domain_type.as_str().to_string()),
+        machine: props
+            .machine
+            .clone()
+            .unwrap_or_else(|| config.libvirt.machine.clone()),
+        memory_mib: props.memory_mib,
+        cpus: props.cpu,
+        root_disk: format!("{dir}/{root_name}"),
+        ephemeral_disk: ephemeral_name.as_ref().map(|n| format!("{dir}/{n}")),
+        config_drive: format!("{dir}/{iso_name}"),
+        nics: Vec::new(),
+        console_log: format!(
+            "{}/{vm_cid}.console.log",
+            config.console_log_dir.trim_end_matches('/')
+        ),
+        metadata: VmMetadata {
+            agent_id: args.agent_id.to_string(),
+            stemcell: args.stemcell_cid.to_string(),
+            created_at: crate::log::timestamp(),
+            networks: Vec::new(),
+            tags: Vec::new(),
+            creating: Creator::this_process().map(|c| c.to_string()),
+        },
+    };
+    let with_nics = |spec: &mut DomainSpec, nics: &[NicPlan]| {
+        spec.nics = nics
+            .iter()
+            .filter_map(|n| Some((n.mac.clone()?, n.libvirt_network.clone()?)))
+            .collect();
+        spec.metadata.networks = nics
+            .iter()
+            .map(|n| NicRecord {
+                network: n.request.name.clone(),
+                kind: n.request.kind.as_str().to_string(),
+                libvirt_network: n.libvirt_network.clone(),
+                mac: n.mac.clone(),
+                ip: n.request.ip.clone(),
+                dhcp_host: n.dhcp.as_ref().and_then(|h| h.name.clone()),
+            })
+            .collect();
+    };
 
-    // 1. DHCP reservations: libvirt refuses a second entry with the same MAC,
+    // 1. The domain first, defined but not started, recording this process
+    // as its creator: from now on whatever this call makes belongs to a
+    // domain, and a later call can tell a killed create_vm (creator dead)
+    // from one still at work (see reclaim_stale_reservation).
+    with_nics(&mut spec, nics);
+    let dom = lv.define_domain(&spec)?;
+    journal.push(Made::Domain(dom.clone()));
+    log.debug(format!("defined domain {vm_cid}"));
+
+    // 2. DHCP reservations: libvirt refuses a second entry with the same MAC,
     // name or IP, which makes them the atomic IP allocation.
+    let mut macs_changed = false;
     for nic in nics.iter_mut() {
         let (Some(host), Some(net_name)) = (nic.dhcp.clone(), nic.libvirt_network.clone()) else {
             continue;
@@ -477,7 +539,7 @@ fn make_vm(
                 Ok(()) => break,
                 Err(e) => {
                     // Find out which field clashed: a taken IP is final (unless its
-                    // holder is a killed create_vm's stale entry), a taken MAC is luck.
+                    // holder is a killed create_vm's leftover), a taken MAC is luck.
                     let info = lv.network_info(network, &net_name)?;
                     if let Some(h) = info.hosts.iter().find(|h| h.ip == host.ip) {
                         if !reclaimed
@@ -504,6 +566,7 @@ fn make_vm(
                     ));
                     host.mac = Some(mac.clone());
                     nic.mac = Some(mac);
+                    macs_changed = true;
                 }
             }
         }
@@ -515,9 +578,12 @@ fn make_vm(
             host,
         });
     }
+    if macs_changed {
+        with_nics(&mut spec, nics);
+        lv.define_domain(&spec)?;
+    }
 
-    // 2. Root disk: a thin overlay on the stemcell.
-    let root_name = format!("{vm_cid}-root");
+    // 3. Root disk: a thin overlay on the stemcell.
     let root = lv.create_overlay(
         m.pool,
         &root_name,
@@ -527,6 +593,7 @@ fn make_vm(
     )?;
     journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
+    expect_path(lv, &root, &root_name, &spec.root_disk)?;
     // delete_stemcell removes the marker, then looks for overlays; we made the
     // overlay, now look for the marker: one of the two always sees the other.
     if lv.find_stemcell(m.pool, args.stemcell_cid)?.is_none() {
@@ -544,20 +611,17 @@ fn make_vm(
         &root_name,
         vm_cid,
     );
-    let root_path = lv.volume_path(&root, &root_name)?;
+    sweep_dead_creates(lv, m.pool, vm_cid, log);
 
-    // 3. Ephemeral disk, sparse.
-    let ephemeral_path = if m.ephemeral_bytes > 0 {
-        let name = format!("{vm_cid}-ephemeral");
-        let vol = lv.create_volume(m.pool, &name, m.ephemeral_bytes, DiskFormat::Raw)?;
+    // 4. Ephemeral disk, sparse.
+    if let (Some(name), Some(path)) = (&ephemeral_name, &spec.ephemeral_disk) {
+        let vol = lv.create_volume(m.pool, name, m.ephemeral_bytes, DiskFormat::Raw)?;
         journal.push(Made::Volume(name.clone()));
         log.debug(format!("created {name}"));
-        Some(lv.volume_path(&vol, &name)?)
-    } else {
-        None
-    };
+        expect_path(lv, &vol, name, path)?;
+    }
 
-    // 4. Config drive with the agent settings (networks now carry their MACs).
+    // 5. Config drive with the agent settings (networks now carry their MACs).
     let mut settings_networks: Map<String, Value> = args.networks.clone();
     for nic in nics.iter() {
         if let (Some(mac), Some(Value::Object(n))) =
@@ -571,66 +635,35 @@ fn make_vm(
         vm_cid,
         agent: &config.agent,
         networks: &settings_networks,
-        has_ephemeral_disk: ephemeral_path.is_some(),
+        has_ephemeral_disk: ephemeral_name.is_some(),
         env: args.env,
     });
     let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
-    let iso_name = format!("{vm_cid}-config.iso");
     // Journaled first: should the clean-up of a failed upload fail too, the
     // undo tries again.
     journal.push(Made::Volume(iso_name.clone()));
     let iso_vol = lv.create_volume_with(m.pool, &iso_name, &iso)?;
     log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
-    let iso_path = lv.volume_path(&iso_vol, &iso_name)?;
+    expect_path(lv, &iso_vol, &iso_name, &spec.config_drive)?;
 
-    // 5. The domain, defined persistent, then started (not waiting for the guest).
-    let spec = DomainSpec {
-        name: vm_cid.to_string(),
-        uuid: vm_cid.trim_start_matches("vm-").to_string(),
-        domain_type: props
-            .domain_type
-            .clone()
-            .unwrap_or_else(|| config.libvirt.domain_type.as_str().to_string()),
-        machine: props
-            .machine
-            .clone()
-            .unwrap_or_else(|| config.libvirt.machine.clone()),
-        memory_mib: props.memory_mib,
-        cpus: props.cpu,
-        root_disk: root_path,
-        ephemeral_disk: ephemeral_path,
-        config_drive: iso_path,
-        nics: nics
-            .iter()
-            .filter_map(|n| Some((n.mac.clone()?, n.libvirt_network.clone()?)))
-            .collect(),
-        console_log: format!(
-            "{}/{vm_cid}.console.log",
-            config.console_log_dir.trim_end_matches('/')
-        ),
-        metadata: VmMetadata {
-            agent_id: args.agent_id.to_string(),
-            stemcell: args.stemcell_cid.to_string(),
-            created_at: crate::log::timestamp(),
-            networks: nics
-                .iter()
-                .map(|n| NicRecord {
-                    network: n.request.name.clone(),
-                    kind: n.request.kind.as_str().to_string(),
-                    libvirt_network: n.libvirt_network.clone(),
-                    mac: n.mac.clone(),
-                    ip: n.request.ip.clone(),
-                    dhcp_host: n.dhcp.as_ref().and_then(|h| h.name.clone()),
-                })
-                .collect(),
-            tags: Vec::new(),
-        },
-    };
-    let dom = lv.define_domain(&spec)?;
-    journal.push(Made::Domain(dom.clone()));
-    log.debug(format!("defined domain {vm_cid}"));
+    // 6. Start (not waiting for the guest), then drop the creator record:
+    // the VM is complete, and only a delete_vm removes it from now on.
     lv.start_domain(&dom, vm_cid)?;
     log.debug(format!("started domain {vm_cid}"));
+    spec.metadata.creating = None;
+    lv.set_vm_metadata(&dom, vm_cid, &spec.metadata)?;
+    Ok(())
+}
+
+/// The domain was defined with the path the pool's directory implies; the
+/// volume must really be there.
+fn expect_path(lv: &Libvirt, vol: &StorageVol, name: &str, expected: &str) -> Result<()> {
+    let path = lv.volume_path(vol, name)?;
+    if path != expected {
+        return Err(CpiError::cloud(format!(
+            "volume {name} is at {path}, not at {expected} where its pool's directory puts it"
+        )));
+    }
     Ok(())
 }
 
@@ -828,6 +861,15 @@ fn reclaim_stale_reservation(
     let Some(vm) = entry.name.as_deref().and_then(vm_cid_of_dhcp_name) else {
         return Ok(false);
     };
+    if let Some(dom) = lv.find_domain(vm)? {
+        return match dead_creator(lv, &dom, vm, log)? {
+            Some(c) => {
+                let why = format!(", which holds {} on {net_name}", entry.to_xml());
+                remove_killed_create(lv, pool, &dom, vm, &c, &why, log)
+            }
+            None => Ok(false),
+        };
+    }
     let vanished = |lv: &Libvirt| -> Result<bool> {
         Ok(lv.find_domain(vm)?.is_none()
             && lv
@@ -860,6 +902,77 @@ fn reclaim_stale_reservation(
         log.warn(format!("sweeping {vm}: {}", problems.join("; ")));
     }
     Ok(problems.is_empty())
+}
+
+/// The create_vm that made `vm`, when its domain still records one (it
+/// ran until the VM was started) and that process is dead: the create_vm
+/// was killed, or libvirtd died under it, and the director never learned
+/// the CID. None for a complete VM or a create_vm still at work.
+fn dead_creator(lv: &Libvirt, dom: &Domain, vm: &str, log: &mut Logger) -> Result<Option<Creator>> {
+    let facts = lv.domain_facts(dom, vm)?;
+    let Some(creating) = facts.metadata.as_ref().and_then(|m| m.creating.as_deref()) else {
+        return Ok(None);
+    };
+    let Some(creator) = Creator::parse(creating) else {
+        log.warn(format!(
+            "{vm} records an unreadable creator '{creating}': leaving it"
+        ));
+        return Ok(None);
+    };
+    Ok((creator.liveness() == Liveness::Dead).then_some(creator))
+}
+
+/// Removes a VM whose create_vm died (see `dead_creator`) as delete_vm
+/// would; `why` says what led here. True when nothing of it is left.
+fn remove_killed_create(
+    lv: &Libvirt,
+    pool: &StoragePool,
+    dom: &Domain,
+    vm: &str,
+    creator: &Creator,
+    why: &str,
+    log: &mut Logger,
+) -> Result<bool> {
+    log.warn(format!(
+        "removing {vm}{why}: the create_vm that made it (process {} on boot {}) ended before it finished, so the director never learned of it",
+        creator.pid, creator.boot_id
+    ));
+    lv.destroy_domain(dom, vm)?;
+    lv.undefine_domain(dom, vm)?;
+    let problems = sweep_vm_leftovers(lv, pool, vm, &[], log)?;
+    if !problems.is_empty() {
+        log.warn(format!("sweeping {vm}: {}", problems.join("; ")));
+    }
+    Ok(problems.is_empty())
+}
+
+/// Best effort, never fails create_vm: removes the VMs of killed create_vm
+/// calls that never started (defined, not running, creator dead). One that
+/// was killed in the moment between its start and the end of the call runs
+/// on; it is removed when a create_vm needs its IP.
+fn sweep_dead_creates(lv: &Libvirt, pool: &StoragePool, own: &str, log: &mut Logger) {
+    let doms = match lv.inactive_domains() {
+        Ok(doms) => doms,
+        Err(e) => {
+            log.warn(format!(
+                "not sweeping VMs of killed create_vm calls: {}",
+                e.message
+            ));
+            return;
+        }
+    };
+    for (vm, dom) in doms {
+        if vm == own || !cid::is_vm_cid(&vm) {
+            continue;
+        }
+        let removed = dead_creator(lv, &dom, &vm, log).and_then(|dead| match dead {
+            Some(c) => remove_killed_create(lv, pool, &dom, &vm, &c, "", log),
+            None => Ok(true),
+        });
+        if let Err(e) = removed {
+            log.warn(format!("sweeping {vm}: {}", e.message));
+        }
+    }
 }
 
 /// A create_vm makes its volumes within seconds and defines its domain right

@@ -69,6 +69,9 @@ pub struct VmMetadata {
     pub networks: Vec<NicRecord>,
     /// BOSH's set_vm_metadata pairs, values as strings (non-strings as JSON).
     pub tags: Vec<(String, String)>,
+    /// The create_vm process still making this VM (`Creator`'s text form);
+    /// cleared once the VM runs.
+    pub creating: Option<String>,
 }
 
 impl VmMetadata {
@@ -118,7 +121,11 @@ impl VmMetadata {
         for (k, v) in &self.tags {
             x.push_str(&format!("<{p}tag name='{}'>{}</{p}tag>", e(k), e(v)));
         }
-        x.push_str(&format!("</{p}bosh_metadata></{p}vm>"));
+        x.push_str(&format!("</{p}bosh_metadata>"));
+        if let Some(c) = &self.creating {
+            x.push_str(&format!("<{p}creating>{}</{p}creating>", e(c)));
+        }
+        x.push_str(&format!("</{p}vm>"));
         x
     }
 
@@ -165,6 +172,7 @@ impl VmMetadata {
             created_at: text("created_at"),
             networks,
             tags,
+            creating: el.child("creating").map(|c| c.text_trimmed().to_string()),
         }
     }
 }
@@ -324,6 +332,19 @@ impl Libvirt {
             self.conn().lookup_domain_by_name(name),
             format!("looking up domain {name}"),
         )
+    }
+
+    /// Defined domains that are not running, with their names (one call,
+    /// filtered by libvirt: on a BOSH host these are few).
+    pub fn inactive_domains(&self) -> Result<Vec<(String, Domain)>> {
+        let doms = self
+            .conn()
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+            .map_err(|e| classified_error("listing domains that are not running", e))?;
+        Ok(doms
+            .into_iter()
+            .filter_map(|d| Some((d.name().ok()?, d)))
+            .collect())
     }
 
     /// The MAC of every NIC of every domain on this host (for picking new ones).

@@ -83,6 +83,19 @@ impl Libvirt {
         Ok(pool)
     }
 
+    /// The pool's directory on the host: a `dir` pool keeps volume `name`
+    /// at `<directory>/<name>`, so a volume's path is known before it exists.
+    pub fn pool_directory(&self, pool: &StoragePool, name: &str) -> Result<String> {
+        let xml = pool
+            .xml_desc(0)
+            .map_err(|e| lv_error(format!("reading storage pool {name}"), e))?;
+        super::xmltree::Element::parse(&xml)
+            .ok()
+            .and_then(|root| root.text_at(&["target", "path"]).map(str::to_string))
+            .filter(|p| p.starts_with('/'))
+            .ok_or_else(|| CpiError::cloud(format!("storage pool {name} has no target path")))
+    }
+
     pub fn find_volume(&self, pool: &StoragePool, name: &str) -> Result<Option<StorageVol>> {
         not_found_as_none(
             pool.lookup_storage_vol_by_name(name),

@@ -185,6 +185,55 @@ pub fn uuid_like() -> String {
     format!("{:x}{:x}", n, std::process::id())
 }
 
+/// No CPI call of the tests takes this long; one that does is killed and
+/// fails its test (a hung libvirtd must not hang the whole run).
+pub const CPI_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `wait_with_output`, but the child is killed (and the test fails) when it
+/// runs longer than `timeout`.
+pub fn wait_with_timeout(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> std::process::Output {
+    use std::io::Read;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "a CPI call ran longer than {timeout:?} and was killed; stderr:\n{}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
 pub struct CpiRun {
     pub stdout: Vec<u8>,
     pub stderr: String,
@@ -213,7 +262,7 @@ pub fn run_cpi_raw(config: Option<&Path>, stdin: &[u8]) -> CpiRun {
         .spawn()
         .expect("spawning the cpi binary");
     child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_with_timeout(child, CPI_CALL_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.code(),

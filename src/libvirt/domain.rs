@@ -725,6 +725,7 @@ mod tests {
                     dhcp_host: Some("vm-1".into()),
                 }],
                 tags: vec![("deployment".into(), "d & 'e'".into())],
+                creating: Some("boot:1:2:3".into()),
             },
         }
     }

@@ -965,3 +965,71 @@ fn create_env_flow_keeps_the_disk_across_vms() {
         sc.cid
     );
 }
+
+/// What a snapshot_disk killed mid live copy leaves: a block copy of the
+/// disk into a snapshot volume without a marker, in sync, that nobody ends.
+/// Made here with virsh exactly as the CPI starts it (transient job, reused
+/// qcow2 destination). Returns the destination volume.
+fn abandoned_copy(vm: &TestVm, disk: &str) -> String {
+    let tb = tb();
+    let pool = tb.pool_name();
+    let dest = format!("snap-{disk}-20260101T000000-{}", &uuid()[..6]);
+    tb.virsh_ok(&["vol-create-as", &pool, &dest, "32M", "--format", "qcow2"]);
+    let path = tb.virsh_ok(&["vol-path", "--pool", &pool, &dest]);
+    let target = disk_element(&vm.live_xml(), disk)
+        .and_then(|d| d.split("<target dev='").nth(1))
+        .and_then(|r| r.split('\'').next())
+        .expect("the disk's target")
+        .to_string();
+    tb.virsh_ok(&[
+        "blockcopy",
+        &vm.name,
+        &target,
+        "--dest",
+        path.trim(),
+        "--format",
+        "qcow2",
+        "--reuse-external",
+        "--transient-job",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !vm.live_xml().contains("ready='yes'") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy never got in sync"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dest
+}
+
+/// Before the fix every later snapshot_disk and detach_disk of the disk
+/// failed with "disk 'vdX' already in active block job" until the VM was
+/// deleted (checked on the old code).
+#[test]
+fn the_copy_of_a_killed_snapshot_is_ended_by_the_next_call() {
+    let mut c = Cleanup::default();
+    let d = c.disk(32, json!({}));
+    // A booted guest: the detach at the end needs one that releases the disk.
+    let vm = TestVm::define(true);
+    vm.wait_ready();
+    ok(cfg(), "attach_disk", json!([vm.name, d]));
+    vm.wait_guest_disk(&d, true);
+
+    let stale = abandoned_copy(&vm, &d);
+    let s = c.snapshot(&d);
+    assert!(vol_exists(&s) && vol_exists(&format!("{s}.meta")));
+    assert!(
+        !vol_exists(&stale),
+        "the unfinished snapshot volume {stale} is left"
+    );
+    assert!(!vm.live_xml().contains("<mirror"), "a copy job is left");
+
+    let stale = abandoned_copy(&vm, &d);
+    ok(cfg(), "detach_disk", json!([vm.name, d]));
+    assert!(disk_element(&vm.live_xml(), &d).is_none());
+    assert!(
+        !vol_exists(&stale),
+        "the unfinished snapshot volume {stale} is left"
+    );
+}

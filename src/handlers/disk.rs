@@ -463,8 +463,17 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
         return Err(not_attached());
     }
     if let Some(dev) = &live {
+        if dev.mirror_ready.is_some() {
+            if let Some(gone) = lv.end_abandoned_copy(&pool, &domain, vm_cid, &dev.target)? {
+                call.log.warn(format!(
+                    "ended the abandoned live copy of {disk_cid} (a killed snapshot_disk) and deleted {gone}"
+                ));
+            }
+        }
+        let lv = call.libvirt()?;
         lv.detach_disk_live(&domain, vm_cid, dev, &r, DETACH_TIMEOUT)?;
     }
+    let lv = call.libvirt()?;
     if let Some(dev) = &config {
         lv.detach_disk_config(&domain, vm_cid, dev)?;
     }

@@ -115,13 +115,13 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         h.disks
             .live_ref(&r)
             .filter(|_| h.disks.running)
-            .map(|d| (h.domain.clone(), d.target.clone()))
+            .map(|d| (h.domain.clone(), d.target.clone(), d.mirror_ready.is_some()))
     });
     let snapshot_cid = new_snapshot_cid(disk_cid);
     let capacity = disk.facts.capacity;
 
     let (disk_format, consistency) = match &live {
-        Some((vm, target)) => {
+        Some((vm, target, copying)) => {
             // The VM reads the disk with the format in its definition, which
             // the CPI wrote from its record; the copy goes through the VM.
             let format = recorded_format(call, &pool, &disk)?;
@@ -131,6 +131,14 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
                     "VM {vm} vanished while snapshotting {disk_cid}; retry"
                 ))
             })?;
+            if *copying {
+                if let Some(gone) = lv.end_abandoned_copy(&pool, &domain, vm, target)? {
+                    call.log.warn(format!(
+                        "ended the abandoned live copy of {disk_cid} (a killed snapshot_disk) and deleted {gone}"
+                    ));
+                }
+            }
+            let lv = call.libvirt()?;
             let dest = lv.create_volume(&pool, &snapshot_cid, capacity, DiskFormat::Qcow2)?;
             let copied = lv.volume_facts(&dest, &snapshot_cid).and_then(|f| {
                 lv.live_block_copy(&domain, vm, target, &f.path, LIVE_COPY_STALL_TIMEOUT)

@@ -22,6 +22,8 @@ use crate::error::{CpiError, Result};
 
 /// How often a domain's live XML is re-read while waiting for the guest.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// A copy in sync this long has nobody to end it (see end_abandoned_copy).
+const ABANDONED_COPY_AFTER: Duration = Duration::from_secs(3);
 
 /// Sidecar volumes never need to be large; a bigger one is not ours to read.
 const SIDECAR_MAX_BYTES: u64 = MIB;
@@ -44,6 +46,8 @@ pub struct DiskDevice {
     pub driver_type: Option<String>,
     /// A block job's `<mirror>`: `Some(ready)` while one runs.
     pub mirror_ready: Option<bool>,
+    /// Where that job copies to.
+    pub mirror_path: Option<String>,
 }
 
 /// How a persistent disk can show up in a domain: by its serial (the CID, how
@@ -215,7 +219,13 @@ fn disk_device(el: &Element) -> DiskDevice {
                 }
             }
             "driver" => d.driver_type = owned(c.attr("type")),
-            "mirror" => d.mirror_ready = Some(c.attr("ready") == Some("yes")),
+            "mirror" => {
+                d.mirror_ready = Some(c.attr("ready") == Some("yes"));
+                d.mirror_path = owned(
+                    c.attr("file")
+                        .or_else(|| c.child("source").and_then(|s| s.attr("file"))),
+                );
+            }
             _ => {}
         }
     }
@@ -470,6 +480,83 @@ impl Libvirt {
                 )));
             }
             std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Ends a block copy of disk `target` that nobody watches any more: the
+    /// live copy of a snapshot_disk that was killed (only the process that
+    /// starts a copy ends it, and until then every snapshot and detach of the
+    /// disk fails with "already in active block job"). A live snapshot_disk
+    /// ends its copy within one poll of it being in sync; one that stays in
+    /// sync for `ABANDONED_COPY_AFTER` is abandoned, and is cancelled here
+    /// (the guest stays on its disk), and its destination is deleted when it
+    /// is a snapshot volume of `pool` without a marker (a snapshot that never
+    /// completed). Returns what was removed. A copy still in progress is an
+    /// error the caller may retry.
+    pub fn end_abandoned_copy(
+        &self,
+        pool: &StoragePool,
+        domain: &Domain,
+        name: &str,
+        target: &str,
+    ) -> Result<Option<String>> {
+        let mirror = |this: &Self| -> Result<Option<DiskDevice>> {
+            Ok(this.domain_disks(domain, name)?.and_then(|d| {
+                d.live
+                    .into_iter()
+                    .find(|d| d.target == target && d.mirror_ready.is_some())
+            }))
+        };
+        if mirror(self)?.is_none() {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + ABANDONED_COPY_AFTER;
+        loop {
+            std::thread::sleep(POLL_INTERVAL);
+            let Some(dev) = mirror(self)? else {
+                return Ok(None); // its owner ended it
+            };
+            if dev.mirror_ready != Some(true) {
+                return Err(CpiError::cloud(format!(
+                    "disk {target} of domain {name} is being copied (a snapshot_disk in progress, or one killed mid-copy whose copy this CPI ends once it completes); retry"
+                ))
+                .retryable(true));
+            }
+            if Instant::now() >= deadline {
+                let c_target = CString::new(target).map_err(|e| CpiError::cloud(e.to_string()))?;
+                // SAFETY: valid domain pointer and C string for the call.
+                let rc =
+                    unsafe { sys::virDomainBlockJobAbort(domain.as_ptr(), c_target.as_ptr(), 0) };
+                if rc < 0 && mirror(self)?.is_some() {
+                    return Err(lv_error(
+                        format!("ending the abandoned copy of disk {target} of domain {name}"),
+                        virt::error::Error::last_error(),
+                    ));
+                }
+                return self.remove_unfinished_snapshot(pool, dev.mirror_path.as_deref());
+            }
+        }
+    }
+
+    fn remove_unfinished_snapshot(
+        &self,
+        pool: &StoragePool,
+        path: Option<&str>,
+    ) -> Result<Option<String>> {
+        let Some(vol_name) = path.and_then(|p| p.rsplit('/').next()) else {
+            return Ok(None);
+        };
+        if !vol_name.starts_with("snap-")
+            || self.find_volume(pool, &marker_name(vol_name))?.is_some()
+        {
+            return Ok(None);
+        }
+        match self.find_volume(pool, vol_name)? {
+            Some(vol) if Some(self.volume_path(&vol, vol_name)?.as_str()) == path => {
+                self.delete_volume(pool, vol_name)?;
+                Ok(Some(vol_name.to_string()))
+            }
+            _ => Ok(None),
         }
     }
 

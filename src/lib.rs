@@ -34,8 +34,13 @@ use crate::method::Method;
 
 /// Handles one request completely (the `cpi-libvirt` executable). Never
 /// panics; never returns without a response.
-pub fn run(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Response {
-    let mut log = Logger::new(None, "-");
+/// `started`: when the front process started (see log::STARTED_ENV).
+pub fn run(
+    config_path: Option<&Path>,
+    input: std::io::Result<Vec<u8>>,
+    started: Option<std::time::SystemTime>,
+) -> Response {
+    let mut log = Logger::new(None, "-").started_at(started);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let (request, config, method) = prepare(config_path, input, &mut log)?;
         let mut call = Call::new(&config, &mut log, &request);
@@ -48,8 +53,9 @@ pub fn run(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Respo
 pub enum Front {
     /// Answered without libvirt: `info`, or an error found before libvirt is needed.
     Respond(Response),
-    /// Valid, and needs libvirt: hand the same bytes to `cpi-libvirt`.
-    Handoff,
+    /// Valid, and needs libvirt: hand the same bytes to `cpi-libvirt`, with
+    /// the time this process started (log::STARTED_ENV).
+    Handoff { started_ns: u128 },
 }
 
 /// Everything that needs no libvirt, so the front executable does not link
@@ -64,7 +70,12 @@ pub fn front(config_path: Option<&Path>, input: std::io::Result<Vec<u8>>) -> Fro
         })
     }));
     match outcome {
-        Ok(Ok(None)) => Front::Handoff,
+        Ok(Ok(None)) => {
+            log.debug("start (handing over to cpi-libvirt)");
+            Front::Handoff {
+                started_ns: log.started_ns(),
+            }
+        }
         Ok(Ok(Some(result))) => Front::Respond(respond(Ok(result), log)),
         Ok(Err(e)) => Front::Respond(respond(Ok(Err(e)), log)),
         Err(panic) => Front::Respond(respond(Err(panic), log)),
@@ -80,11 +91,10 @@ fn prepare(
 ) -> Result<(Request, Config, Method), CpiError> {
     let bytes = input.map_err(|e| CpiError::bad_request(format!("reading stdin: {e}")))?;
     let request = parse_request(&bytes)?;
-    *log = Logger::new(request.request_id(), &request.method);
+    *log = log.for_request(request.request_id(), &request.method);
     let config = Config::load(config_path, &request.context)?;
     log.set_level(config.log_level);
     let method = Method::parse(&request.method, &request.arguments)?;
-    log.debug("start");
     Ok((request, config, method))
 }
 
@@ -106,13 +116,35 @@ fn respond(outcome: Outcome, mut log: Logger) -> Response {
             )
         }
     };
-    if let Some(e) = &error {
-        log.error(format!("{} {}", e.kind.bosh_type(), e.message));
+    // One completion line per call, with its outcome and the whole
+    // process's time; a summary in `log` for every call that succeeds.
+    match &error {
+        Some(e) => log.error(format!(
+            "failed after {} ms: {} {}",
+            log.elapsed_ms(),
+            e.kind.bosh_type(),
+            e.message
+        )),
+        None => {
+            if !log.has_summary() {
+                log.summary(format!("result: {}", short(&result)));
+            }
+            log.info(format!("done in {} ms", log.elapsed_ms()));
+        }
     }
     Response {
         result,
         error,
         log: log.take_summary(),
+    }
+}
+
+/// A result as one short line for the summary.
+fn short(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text,
     }
 }
 

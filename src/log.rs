@@ -15,7 +15,13 @@ pub struct Logger {
     method: String,
     level: LogLevel,
     summary: String,
+    started: SystemTime,
 }
+
+/// The front executable hands the time its process started to `cpi-libvirt`
+/// in this variable (unix nanoseconds), so a call's duration counts the
+/// whole process, loading libvirt included.
+pub const STARTED_ENV: &str = "LIBVIRT_CPI_STARTED_NS";
 
 impl Logger {
     pub fn new(request_id: Option<&str>, method: &str) -> Self {
@@ -24,7 +30,40 @@ impl Logger {
             method: method.to_string(),
             level: LogLevel::Info,
             summary: String::new(),
+            started: SystemTime::now(),
         }
+    }
+
+    /// The same logger for the request once it is parsed (the start time kept).
+    pub fn for_request(&self, request_id: Option<&str>, method: &str) -> Self {
+        Logger {
+            started: self.started,
+            ..Logger::new(request_id, method)
+        }
+    }
+
+    /// Counts the call's time from `started` (see STARTED_ENV) when given.
+    pub fn started_at(mut self, started: Option<SystemTime>) -> Self {
+        if let Some(t) = started.filter(|t| *t <= self.started) {
+            self.started = t;
+        }
+        self
+    }
+
+    /// Milliseconds since the call started.
+    pub fn elapsed_ms(&self) -> u128 {
+        self.started.elapsed().map_or(0, |d| d.as_millis())
+    }
+
+    /// `started` as STARTED_ENV carries it.
+    pub fn started_ns(&self) -> u128 {
+        self.started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    }
+
+    pub fn has_summary(&self) -> bool {
+        !self.summary.is_empty()
     }
 
     pub fn set_level(&mut self, level: LogLevel) {

@@ -25,8 +25,8 @@ fn main() -> ExitCode {
     };
     let response = match response {
         Front::Respond(r) => r,
-        Front::Handoff => {
-            let e = handoff(config_path.as_deref(), &input);
+        Front::Handoff { started_ns } => {
+            let e = handoff(config_path.as_deref(), &input, started_ns);
             Response {
                 result: serde_json::Value::Null,
                 error: Some(e),
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
 }
 
 /// Execs `cpi-libvirt` with the request bytes as its stdin. Returns only on failure.
-fn handoff(config_path: Option<&Path>, request: &[u8]) -> CpiError {
+fn handoff(config_path: Option<&Path>, request: &[u8], started_ns: u128) -> CpiError {
     let worker = match std::env::current_exe() {
         Ok(exe) => exe.with_file_name("cpi-libvirt"),
         Err(e) => return CpiError::cloud(format!("locating the cpi-libvirt executable: {e}")),
@@ -51,7 +51,10 @@ fn handoff(config_path: Option<&Path>, request: &[u8]) -> CpiError {
     if let Some(path) = config_path {
         cmd.arg(path);
     }
-    let e = cmd.stdin(Stdio::from(stdin)).exec();
+    let e = cmd
+        .env(libvirt_cpi::log::STARTED_ENV, started_ns.to_string())
+        .stdin(Stdio::from(stdin))
+        .exec();
     CpiError::cloud(format!("running {}: {e}", worker.display()))
 }
 

@@ -112,9 +112,13 @@ fn info_answers_from_config_without_libvirt() {
     ] {
         let r = run_cpi_raw(Some(&cfg), &request);
         assert_eq!(
-            r.response,
-            json!({"result": {"api_version": 2, "stemcell_formats": ["openstack-qcow2", "openstack-raw"]}, "error": null, "log": ""})
+            (&r.response["result"], &r.response["error"]),
+            (
+                &json!({"api_version": 2, "stemcell_formats": ["openstack-qcow2", "openstack-raw"]}),
+                &json!(null)
+            )
         );
+        assert!(r.response["log"].as_str().unwrap().contains("api_version"));
     }
     let r = run_cpi_raw(Some(&static_config()), &director_request("info", json!([])));
     assert_eq!(
@@ -201,5 +205,45 @@ fn the_front_executable_does_not_load_libvirt() {
     assert!(
         !dynamic.contains("libvirt"),
         "cpi links libvirt:\n{dynamic}"
+    );
+}
+
+/// Operators time calls from the log: one completion line per call, with its
+/// outcome and duration, after at most one start line (the front and
+/// cpi-libvirt each logged "start" before), and a `log` summary always.
+#[test]
+fn every_call_ends_with_one_completion_line_and_a_summary() {
+    let dir = scratch_dir("envelope-debug");
+    let cfg = dir.join("cpi.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(static_config()).unwrap()).unwrap();
+    doc["log_level"] = json!("debug");
+    std::fs::write(&cfg, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let completion = |stderr: &str, method: &str, outcome: &str| -> Vec<u64> {
+        stderr
+            .lines()
+            .filter_map(|l| l.split_once(&format!("{method}: {outcome} ")))
+            .filter_map(|(_, rest)| rest.split(" ms").next()?.parse().ok())
+            .collect()
+    };
+    for (method, args) in [("has_vm", json!(["not-a-vm"])), ("info", json!([]))] {
+        let r = run_cpi_raw(Some(&cfg), &director_request(method, args));
+        assert!(r.response["error"].is_null(), "{}", r.response);
+        let done = completion(&r.stderr, method, "done in");
+        assert_eq!(done.len(), 1, "one completion line:\n{}", r.stderr);
+        assert!(done[0] < 60_000, "{done:?}");
+        let starts = r.stderr.lines().filter(|l| l.contains(": start")).count();
+        assert!(starts <= 1, "duplicate start lines:\n{}", r.stderr);
+        assert!(
+            !r.response["log"].as_str().unwrap().is_empty(),
+            "{method}: empty log summary"
+        );
+    }
+    let r = run_cpi_raw(Some(&cfg), &director_request("has_vm", json!([7])));
+    assert_eq!(
+        completion(&r.stderr, "has_vm", "failed after").len(),
+        1,
+        "{}",
+        r.stderr
     );
 }

@@ -5,10 +5,15 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
 
 fn main() -> ExitCode {
     let config_path = std::env::args_os().nth(1).map(PathBuf::from);
     let mut input = Vec::new();
     let read = std::io::stdin().read_to_end(&mut input).map(|_| input);
-    libvirt_cpi::run(config_path.as_deref(), read).write_to_stdout()
+    let started = std::env::var(libvirt_cpi::log::STARTED_ENV)
+        .ok()
+        .and_then(|ns| ns.parse::<u64>().ok())
+        .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns));
+    libvirt_cpi::run(config_path.as_deref(), read, started).write_to_stdout()
 }

@@ -74,7 +74,7 @@ pub fn create_stemcell(
 
 pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
     if !is_stemcell_cid(cid) {
-        call.log.info(format!(
+        call.log.summary(format!(
             "{cid} is not a stemcell CID of this CPI: nothing to delete"
         ));
         return Ok(Value::Null);
@@ -118,11 +118,11 @@ pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
         }
     }
     let image = lv.delete_volume(&pool, cid)?;
-    match (marker, image) {
-        (_, true) => log.info(format!("deleted stemcell {cid}")),
-        (true, false) => log.warn(format!("{cid} had a marker but no image; marker deleted")),
-        (false, false) => log.info(format!("stemcell {cid} does not exist: nothing to delete")),
-    }
+    log.summary(match (marker, image) {
+        (_, true) => format!("deleted stemcell {cid}"),
+        (true, false) => format!("{cid} had a marker but no image; marker deleted"),
+        (false, false) => format!("stemcell {cid} does not exist: nothing to delete"),
+    });
     Ok(Value::Null)
 }
 

@@ -1033,3 +1033,31 @@ fn the_copy_of_a_killed_snapshot_is_ended_by_the_next_call() {
         "the unfinished snapshot volume {stale} is left"
     );
 }
+
+/// A snapshot_disk killed while libvirt copied the disk offline leaves a
+/// snapshot volume without a marker that nobody will ever delete (the
+/// director never learned its CID). The next snapshot of that disk removes
+/// it once it is 30 minutes old, and leaves a fresh one (a copy in progress).
+#[test]
+fn unfinished_snapshots_of_killed_calls_are_swept() {
+    let tb = tb();
+    let pool = tb.pool_name();
+    let mut c = Cleanup::default();
+    let d = c.disk(8, json!({}));
+    let stale = format!("snap-{d}-20200101T000000-{}", &uuid()[..6]);
+    let fresh = format!("snap-{d}-20200101T000001-{}", &uuid()[..6]);
+    for v in [&stale, &fresh] {
+        tb.virsh_ok(&["vol-create-as", &pool, v, "8M", "--format", "qcow2"]);
+    }
+    c.snapshots.push(fresh.clone());
+    let path = tb.virsh_ok(&["vol-path", "--pool", &pool, &stale]);
+    let touched = Command::new("touch")
+        .args(["-m", "-d", "2 hours ago", path.trim()])
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let s = c.snapshot(&d);
+    assert!(vol_exists(&s));
+    assert!(!vol_exists(&stale), "{stale} was not swept");
+    assert!(vol_exists(&fresh), "a fresh unfinished snapshot was swept");
+}

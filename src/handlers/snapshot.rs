@@ -169,6 +169,8 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         }
     };
 
+    sweep_unfinished_snapshots(call, &pool, disk_cid, &snapshot_cid);
+
     let record = json!({
         "disk_cid": disk_cid,
         "disk_format": disk_format.as_str(),
@@ -184,6 +186,55 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         "snapshot {snapshot_cid} of disk {disk_cid} ({consistency})"
     ));
     Ok(Value::String(snapshot_cid))
+}
+
+/// A snapshot volume without a marker, untouched this long, is what a
+/// killed snapshot_disk left (a copy that libvirt finished or abandoned
+/// after the CPI was gone): the director never learned its CID.
+const UNFINISHED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
+
+/// Best effort, never fails the call: removes unfinished snapshots of
+/// `disk_cid`, judged by the host's clock as read from `own` (just made).
+fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &str, own: &str) {
+    let swept = (|| -> Result<Vec<String>> {
+        let lv = call.libvirt()?;
+        let Some(now) = lv
+            .find_volume(pool, own)?
+            .map(|v| lv.volume_facts(&v, own))
+            .transpose()?
+            .and_then(|f| f.mtime)
+        else {
+            return Ok(Vec::new());
+        };
+        let mut removed = Vec::new();
+        let names = lv.volume_names_with_prefix(pool, &format!("{PREFIX}{disk_cid}-"))?;
+        for name in &names {
+            if name == own
+                || !is_snapshot_cid(name)
+                || names.contains(&marker_name(name))
+                || !lv.volume_untouched_for(pool, name, UNFINISHED_MAX_AGE_SECS, now)?
+            {
+                continue;
+            }
+            if lv.find_volume(pool, &marker_name(name))?.is_none()
+                && lv.delete_volume(pool, name)?
+            {
+                removed.push(name.clone());
+            }
+        }
+        Ok(removed)
+    })();
+    match swept {
+        Ok(removed) if !removed.is_empty() => call.log.info(format!(
+            "removed snapshots that killed snapshot_disk calls left unfinished: {}",
+            removed.join(", ")
+        )),
+        Ok(_) => {}
+        Err(e) => call.log.warn(format!(
+            "not sweeping unfinished snapshots of {disk_cid}: {}",
+            e.message
+        )),
+    }
 }
 
 pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {

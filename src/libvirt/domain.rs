@@ -10,11 +10,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use virt::domain::Domain;
-use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::xmltree::Element;
-use super::{is_not_found, not_found_as_none, xml_escape, Libvirt};
+use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
 
 /// Namespace of the CPI's element in a domain's `<metadata>` (naming.md).
@@ -24,26 +23,6 @@ pub const METADATA_PREFIX: &str = "bosh";
 /// Spare PCIe root ports beyond those the domain's own devices take, so
 /// persistent disks can be hot-plugged into q35 domains later.
 pub const SPARE_ROOT_PORTS: usize = 6;
-
-/// A libvirt error as a `CloudError` naming what was being done, with
-/// `ok_to_retry` set when the failure is of a kind a retry may cure (a lost
-/// connection, a timeout, a busy resource, a name clash).
-pub fn classified_error(doing: impl std::fmt::Display, e: virt::error::Error) -> CpiError {
-    let transient = e.code().is_known_and(|c| {
-        matches!(
-            c,
-            ErrorNumber::Rpc
-                | ErrorNumber::NoConnect
-                | ErrorNumber::OperationTimeout
-                | ErrorNumber::OperationAborted
-                | ErrorNumber::ResourceBusy
-                | ErrorNumber::AgentUnresponsive
-                | ErrorNumber::StorageVolExist
-                | ErrorNumber::DomExist
-        )
-    });
-    CpiError::cloud(format!("{doing}: {}", e.message())).retryable(transient)
-}
 
 /// One NIC (or, for `vip`, just the network) as recorded in the metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,7 +319,7 @@ impl Libvirt {
         let doms = self
             .conn()
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
-            .map_err(|e| classified_error("listing domains that are not running", e))?;
+            .map_err(|e| lv_error("listing domains that are not running", e))?;
         Ok(doms
             .into_iter()
             .filter_map(|d| Some((d.name().ok()?, d)))
@@ -352,7 +331,7 @@ impl Libvirt {
         let doms = self
             .conn()
             .list_all_domains(0)
-            .map_err(|e| classified_error("listing domains", e))?;
+            .map_err(|e| lv_error("listing domains", e))?;
         let mut macs = Vec::new();
         for d in doms {
             // A domain undefined meanwhile has no MACs left to clash with.
@@ -369,13 +348,13 @@ impl Libvirt {
     pub fn define_domain(&self, spec: &DomainSpec) -> Result<Domain> {
         self.conn()
             .define_domain_xml(&spec.to_xml())
-            .map_err(|e| classified_error(format!("defining domain {}", spec.name), e))
+            .map_err(|e| lv_error(format!("defining domain {}", spec.name), e))
     }
 
     pub fn start_domain(&self, dom: &Domain, name: &str) -> Result<()> {
         dom.create()
             .map(|_| ())
-            .map_err(|e| classified_error(format!("starting domain {name}"), e))
+            .map_err(|e| lv_error(format!("starting domain {name}"), e))
     }
 
     /// Hard power-off. Ok when the domain is (now) not running or gone.
@@ -386,7 +365,7 @@ impl Libvirt {
             Err(e) => match dom.is_active() {
                 Ok(false) => Ok(()),
                 Err(e2) if is_not_found(&e2) => Ok(()),
-                _ => Err(classified_error(format!("destroying domain {name}"), e)),
+                _ => Err(lv_error(format!("destroying domain {name}"), e)),
             },
         }
     }
@@ -401,7 +380,7 @@ impl Libvirt {
         match dom.undefine_flags(flags) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(classified_error(format!("undefining domain {name}"), e)),
+            Err(e) => Err(lv_error(format!("undefining domain {name}"), e)),
         }
     }
 
@@ -409,7 +388,7 @@ impl Libvirt {
     pub fn domain_facts(&self, dom: &Domain, name: &str) -> Result<DomainFacts> {
         let xml = dom
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
-            .map_err(|e| classified_error(format!("reading domain {name}"), e))?;
+            .map_err(|e| lv_error(format!("reading domain {name}"), e))?;
         DomainFacts::from_xml(&xml)
             .map_err(|e| CpiError::cloud(format!("parsing domain {name}: {e}")))
     }
@@ -426,7 +405,7 @@ impl Libvirt {
                 flags,
             )
         })
-        .map_err(|e| classified_error(format!("setting metadata of domain {name}"), e))
+        .map_err(|e| lv_error(format!("setting metadata of domain {name}"), e))
     }
 
     pub fn set_title(&self, dom: &Domain, name: &str, title: &str) -> Result<()> {
@@ -439,7 +418,7 @@ impl Libvirt {
                 flags,
             )
         })
-        .map_err(|e| classified_error(format!("setting the title of domain {name}"), e))
+        .map_err(|e| lv_error(format!("setting the title of domain {name}"), e))
     }
 
     /// Runs `f` with CONFIG, plus LIVE while the domain runs; once more if the
@@ -482,7 +461,7 @@ impl Libvirt {
     ) -> Result<RebootOutcome> {
         let active = dom
             .is_active()
-            .map_err(|e| classified_error(format!("checking domain {name}"), e))?;
+            .map_err(|e| lv_error(format!("checking domain {name}"), e))?;
         if !active {
             self.start_domain(dom, name)?;
             return Ok(RebootOutcome::Started);
@@ -500,14 +479,14 @@ impl Libvirt {
             Seen::Stopped | Seen::Nothing
                 if !dom
                     .is_active()
-                    .map_err(|e| classified_error(format!("checking domain {name}"), e))? =>
+                    .map_err(|e| lv_error(format!("checking domain {name}"), e))? =>
             {
                 self.start_domain(dom, name)?;
                 Ok(RebootOutcome::Started)
             }
             _ => {
                 dom.reset()
-                    .map_err(|e| classified_error(format!("resetting domain {name}"), e))?;
+                    .map_err(|e| lv_error(format!("resetting domain {name}"), e))?;
                 Ok(RebootOutcome::HardReset)
             }
         }

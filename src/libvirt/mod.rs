@@ -19,7 +19,7 @@ pub use pool::xml_escape;
 use std::sync::Once;
 
 use virt::connect::Connect;
-use virt::error::ErrorNumber;
+use virt::error::{ErrorDomain, ErrorNumber};
 
 use crate::error::{CpiError, Result};
 
@@ -50,11 +50,10 @@ impl Libvirt {
     pub fn open(uri: &str) -> Result<Libvirt> {
         init_process();
         let conn = Connect::open(Some(uri)).map_err(|e| {
-            CpiError::cloud(format!(
-                "connecting to libvirt at {uri}: {}{}",
-                e.message(),
-                connect_hint(e.message())
-            ))
+            let hint = connect_hint(e.message());
+            let mut error = lv_error(format!("connecting to libvirt at {uri}"), e);
+            error.message.push_str(hint);
+            error
         })?;
         // Local drivers have no keepalive; a remote one that refuses it still works.
         let _ = conn.set_keep_alive(5, 6);
@@ -105,8 +104,25 @@ fn connect_hint(message: &str) -> &'static str {
 }
 
 /// Turns a libvirt error into a `CloudError` naming what was being done.
+/// `ok_to_retry` is set when the failure is of a kind a retry may cure: the
+/// connection to libvirtd was lost or timed out (anything the RPC layer
+/// reports), a busy resource, a name clash with a concurrent caller.
 pub fn lv_error(doing: impl std::fmt::Display, e: virt::error::Error) -> CpiError {
-    CpiError::cloud(format!("{doing}: {}", e.message()))
+    let transient = e.domain().is_known_and(|d| d == ErrorDomain::Rpc)
+        || e.code().is_known_and(|c| {
+            matches!(
+                c,
+                ErrorNumber::Rpc
+                    | ErrorNumber::NoConnect
+                    | ErrorNumber::OperationTimeout
+                    | ErrorNumber::OperationAborted
+                    | ErrorNumber::ResourceBusy
+                    | ErrorNumber::AgentUnresponsive
+                    | ErrorNumber::StorageVolExist
+                    | ErrorNumber::DomExist
+            )
+        });
+    CpiError::cloud(format!("{doing}: {}", e.message())).retryable(transient)
 }
 
 /// Maps "no such object" errors to `None`, everything else to a `CloudError`.

@@ -13,9 +13,8 @@ use std::net::Ipv4Addr;
 use virt::network::Network;
 use virt::sys;
 
-use super::domain::classified_error;
 use super::xmltree::Element;
-use super::{not_found_as_none, xml_escape, Libvirt};
+use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::config::NetworkConfig;
 use crate::error::{CpiError, Result};
 use crate::net::Ipv4Net;
@@ -222,7 +221,7 @@ impl Libvirt {
     fn start_network(&self, net: &Network, name: &str, ours: bool) -> Result<()> {
         let active = net
             .is_active()
-            .map_err(|e| classified_error(format!("checking libvirt network {name}"), e))?;
+            .map_err(|e| lv_error(format!("checking libvirt network {name}"), e))?;
         if active {
             return Ok(());
         }
@@ -234,7 +233,7 @@ impl Libvirt {
         if let Err(e) = net.create() {
             // Another CPI may have started it since we looked.
             if !net.is_active().unwrap_or(false) {
-                return Err(classified_error(
+                return Err(lv_error(
                     format!("starting libvirt network {name}"),
                     e,
                 ));
@@ -248,14 +247,14 @@ impl Libvirt {
         match self.conn().define_network_xml(&xml) {
             Ok(net) => {
                 net.set_autostart(true).map_err(|e| {
-                    classified_error(format!("setting autostart on libvirt network {name}"), e)
+                    lv_error(format!("setting autostart on libvirt network {name}"), e)
                 })?;
                 Ok(net)
             }
             // Lost a race with another CPI defining it: use theirs.
             Err(e) => match self.find_network(name)? {
                 Some(net) => Ok(net),
-                None => Err(classified_error(
+                None => Err(lv_error(
                     format!("defining NAT network {name} on {subnet}"),
                     e,
                 )),
@@ -266,7 +265,7 @@ impl Libvirt {
     pub fn network_info(&self, net: &Network, name: &str) -> Result<NetworkInfo> {
         let xml = net
             .xml_desc(0)
-            .map_err(|e| classified_error(format!("reading libvirt network {name}"), e))?;
+            .map_err(|e| lv_error(format!("reading libvirt network {name}"), e))?;
         NetworkInfo::from_xml(&xml)
             .map_err(|e| CpiError::cloud(format!("parsing libvirt network {name}: {e}")))
     }
@@ -275,7 +274,7 @@ impl Libvirt {
     pub fn add_dhcp_host(&self, net: &Network, name: &str, host: &DhcpHost) -> Result<()> {
         self.update_dhcp_host(net, sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, host)
             .map_err(|e| {
-                classified_error(
+                lv_error(
                     format!(
                         "adding DHCP host {} to libvirt network {name}",
                         host.to_xml()
@@ -294,7 +293,7 @@ impl Libvirt {
                 // "couldn't locate a matching dhcp host entry": check rather than trust the text.
                 let info = self.network_info(net, name)?;
                 if info.hosts.iter().any(|h| matches_host(h, host)) {
-                    Err(classified_error(
+                    Err(lv_error(
                         format!(
                             "removing DHCP host {} from libvirt network {name}",
                             host.to_xml()
@@ -333,7 +332,7 @@ impl Libvirt {
         let nets = self
             .conn()
             .list_all_networks(0)
-            .map_err(|e| classified_error("listing libvirt networks", e))?;
+            .map_err(|e| lv_error("listing libvirt networks", e))?;
         Ok(nets.iter().filter_map(|n| n.name().ok()).collect())
     }
 }

@@ -13,7 +13,6 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
-use super::domain::classified_error;
 use super::xmltree::Element;
 use super::{is_not_found, lv_error, xml_escape, Libvirt};
 use crate::error::{CpiError, ErrorKind, Result};
@@ -232,7 +231,7 @@ impl Libvirt {
     ) -> Result<StorageVol> {
         let xml = overlay_xml(name, backing_path, backing_format, capacity);
         StorageVol::create_xml(pool, &xml, 0).map_err(|e| {
-            classified_error(
+            lv_error(
                 format!(
                     "creating root overlay {name} on {backing_path} ({} MiB)",
                     capacity.div_ceil(MIB)

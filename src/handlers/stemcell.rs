@@ -491,7 +491,9 @@ impl Import<'_> {
                 "; removing the partial volume failed too ({}): it has no marker, so no VM can use it, and a later create_stemcell removes it",
                 problems.join("; ")
             );
-            CpiError::cloud(format!("{}{note}", error.message))
+            let mut error = error;
+            error.message.push_str(&note);
+            error
         }
     }
 }

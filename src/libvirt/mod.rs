@@ -30,6 +30,8 @@ pub struct Libvirt {
 
 static INIT: Once = Once::new();
 
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// libvirt's default handler prints every error to stderr; we report errors
 /// ourselves. Keepalive needs an event loop, which runs on a background thread
 /// for the life of the process.
@@ -47,9 +49,25 @@ fn init_process() {
 }
 
 impl Libvirt {
+    /// Connects, giving up after `CONNECT_TIMEOUT`: libvirt's own open has
+    /// no limit, and a frozen libvirtd would hold the director, which waits
+    /// for a CPI without one, forever. (Once open, keepalive ends a call to a
+    /// libvirtd that stopped answering within about 30 s.)
     pub fn open(uri: &str) -> Result<Libvirt> {
         init_process();
-        let conn = Connect::open(Some(uri)).map_err(|e| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = uri.to_string();
+        std::thread::spawn(move || {
+            let _ = tx.send(Connect::open(Some(&target)));
+        });
+        let opened = rx.recv_timeout(CONNECT_TIMEOUT).map_err(|_| {
+            CpiError::cloud(format!(
+                "connecting to libvirt at {uri}: no answer within {} s (is libvirtd frozen or overloaded?)",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+            .retryable(true)
+        })?;
+        let conn = opened.map_err(|e| {
             let hint = connect_hint(e.message());
             let mut error = lv_error(format!("connecting to libvirt at {uri}"), e);
             error.message.push_str(hint);

@@ -233,10 +233,7 @@ impl Libvirt {
         if let Err(e) = net.create() {
             // Another CPI may have started it since we looked.
             if !net.is_active().unwrap_or(false) {
-                return Err(lv_error(
-                    format!("starting libvirt network {name}"),
-                    e,
-                ));
+                return Err(lv_error(format!("starting libvirt network {name}"), e));
             }
         }
         Ok(())

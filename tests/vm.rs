@@ -1041,8 +1041,10 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
 
     let mut rng = Lcg::from_env();
     let (mut finished, mut reclaimed) = (0, 0);
+    // This run's agents only: the test bed is shared.
+    let run = uuid::Uuid::new_v4().simple().to_string();
     for i in 0..KILLS {
-        let agent = format!("agent-killed-{i}-{}", uuid::Uuid::new_v4());
+        let agent = format!("agent-killed-{run}-{i}");
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cpi"))
             .arg(&pool.config)
             .env_clear()
@@ -1101,7 +1103,7 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
             let xml = tb.virsh(&["dumpxml", name, "--inactive"]);
             let xml = String::from_utf8_lossy(&xml.stdout);
             assert!(
-                !xml.contains("agent-killed-"),
+                !xml.contains(&format!("agent-killed-{run}")),
                 "domain {name} of a killed create_vm"
             );
         }

@@ -166,7 +166,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
     ));
     let vm_cid = cid::new_vm_cid();
     let networks = resolve_networks(lv, config, &requests)?;
-    let mut nics = plan_nics(lv, config, &vm_cid, requests, &networks, log)?;
+    let mut nics = plan_nics(config, &vm_cid, requests, &networks, log)?;
     log.debug(format!("{vm_cid}: networks checked, MACs chosen"));
 
     let mut journal: Vec<Made> = Vec::new();
@@ -324,14 +324,17 @@ fn resolve_networks(
 
 /// Chooses MACs and checks manual IPs against the libvirt networks.
 fn plan_nics(
-    lv: &Libvirt,
     config: &Config,
     vm_cid: &str,
     requests: Vec<NetworkRequest>,
     networks: &BTreeMap<String, (Network, NetworkInfo)>,
     log: &mut Logger,
 ) -> Result<Vec<NicPlan>> {
-    let mut used: HashSet<String> = lv.all_domain_macs()?.into_iter().collect();
+    // MACs are 46 random bits: with 5,000 NICs on a host the chance that any
+    // two are equal is about 1 in 10 million, so no scan of every domain's
+    // MACs (which grew with the host). Reserved MACs are still checked here
+    // and libvirt refuses a duplicate reservation (then another is drawn).
+    let mut used: HashSet<String> = HashSet::new();
     for (_, info) in networks.values() {
         used.extend(info.hosts.iter().filter_map(|h| h.mac.clone()));
     }
@@ -1043,9 +1046,14 @@ fn abandoned_vm_cids(
             by_vm.entry(vm).or_default().push(name);
         }
     }
+    if by_vm.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One listing, not a lookup per VM: the cost stays flat as the host fills.
+    let defined: HashSet<String> = lv.domain_names()?.into_iter().collect();
     let mut abandoned = Vec::new();
     'vms: for (vm, vols) in by_vm {
-        if lv.find_domain(vm)?.is_some() {
+        if defined.contains(vm) {
             continue;
         }
         for vol in &vols {

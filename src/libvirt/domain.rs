@@ -313,6 +313,15 @@ impl Libvirt {
         )
     }
 
+    /// The names of all defined domains, running or not (one call).
+    pub fn domain_names(&self) -> Result<Vec<String>> {
+        let doms = self
+            .conn()
+            .list_all_domains(0)
+            .map_err(|e| lv_error("listing domains", e))?;
+        Ok(doms.into_iter().filter_map(|d| d.name().ok()).collect())
+    }
+
     /// Defined domains that are not running, with their names (one call,
     /// filtered by libvirt: on a BOSH host these are few).
     pub fn inactive_domains(&self) -> Result<Vec<(String, Domain)>> {
@@ -326,7 +335,6 @@ impl Libvirt {
             .collect())
     }
 
-    /// The MAC of every NIC of every domain on this host (for picking new ones).
     pub fn all_domain_macs(&self) -> Result<Vec<String>> {
         let doms = self
             .conn()

@@ -29,6 +29,7 @@ fn sample_for(schema: &Value, path: &str) -> Value {
             Value::Object(obj)
         }
         Some("string") => match path {
+            ".libvirt.uri" => json!("qemu+tls://kvm.example/system"),
             ".pool.path" => json!("/var/lib/bosh"),
             ".network.subnet" => json!("10.0.0.0/24"),
             _ => json!(format!("sample{}", path.replace('.', "-"))),

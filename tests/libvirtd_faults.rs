@@ -116,15 +116,12 @@ impl PrivateLibvirtd {
     }
 
     fn volumes(&self) -> Vec<String> {
-        let out = Command::new("virsh")
-            .args(["-c", &self.uri(), "vol-list", "fault"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(2)
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect()
+        vol_list_names(
+            &Command::new("virsh")
+                .args(["-c", &self.uri(), "vol-list", "fault"])
+                .output()
+                .unwrap(),
+        )
     }
 }
 
@@ -150,24 +147,10 @@ fn import_from_fifo(config: &Path, dir: &Path) -> (Child, std::fs::File) {
         .status()
         .unwrap()
         .success());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cpi"))
-        .arg(config)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&director_request(
-            "create_stemcell",
-            json!([fifo, {"disk_format": "raw"}]),
-        ))
-        .unwrap();
+    let child = spawn_cpi(
+        Some(config),
+        &director_request("create_stemcell", json!([fifo, {"disk_format": "raw"}])),
+    );
     let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     let mut h = tar::Header::new_gnu();
     h.set_path("root.img").unwrap();
@@ -284,24 +267,10 @@ fn a_frozen_libvirtd_never_hangs_the_cpi() {
 
     // Frozen before the CPI connects.
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cpi"))
-        .arg(&config)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&director_request(
-            "has_disk",
-            json!(["disk-000000000000000"]),
-        ))
-        .unwrap();
+    let child = spawn_cpi(
+        Some(&config),
+        &director_request("has_disk", json!(["disk-000000000000000"])),
+    );
     let (r, _) = response_within(child, Duration::from_secs(150));
     let took = started.elapsed();
     assert_eq!(r["error"]["ok_to_retry"], json!(true), "{r}");

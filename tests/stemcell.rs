@@ -13,7 +13,7 @@ mod common;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -406,22 +406,10 @@ fn killed_import(pool: &PrivatePool) -> String {
     run(Command::new("mkfifo").arg(&fifo));
     let before: HashSet<String> = pool.volumes().into_iter().collect();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cpi"))
-        .arg(&pool.config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&director_request(
-            "create_stemcell",
-            json!([fifo, {"disk_format": "raw"}]),
-        ))
-        .unwrap();
+    let mut child = spawn_cpi(
+        Some(&pool.config),
+        &director_request("create_stemcell", json!([fifo, {"disk_format": "raw"}])),
+    );
 
     // The feeder stops on request, so the kill can hit an upload that is open
     // but has no message in flight (see the kill below).

@@ -88,16 +88,8 @@ fn vm_cid_in(message: &str) -> Option<String> {
 
 /// No domain on the host carries this agent id in its metadata.
 fn assert_no_domain_for_agent(tb: &Testbed, agent_id: &str) {
-    for name in tb.virsh_ok(&["list", "--all", "--name"]).lines() {
-        if name.starts_with("vm-") {
-            let xml = tb.virsh(&["dumpxml", name, "--inactive"]);
-            let xml = String::from_utf8_lossy(&xml.stdout);
-            assert!(
-                !xml.contains(&format!(">{agent_id}<")),
-                "domain {name} was made for {agent_id}"
-            );
-        }
-    }
+    let made = vm_domains_mentioning(tb, &format!(">{agent_id}<"));
+    assert!(made.is_empty(), "domains made for {agent_id}: {made:?}");
 }
 
 #[test]
@@ -1045,24 +1037,7 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
     let run = uuid::Uuid::new_v4().simple().to_string();
     for i in 0..KILLS {
         let agent = format!("agent-killed-{run}-{i}");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cpi"))
-            .arg(&pool.config)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(&request(&agent))
-                .unwrap();
-        }
+        let mut child = spawn_cpi(Some(&pool.config), &request(&agent));
         let delay = full.mul_f64(rng.below(110) as f64 / 100.0);
         std::thread::sleep(delay);
         let _ = child.kill();
@@ -1098,16 +1073,11 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
     let mut left = pool.volumes();
     left.sort();
     assert_eq!(left, vec![sc.clone(), format!("{sc}.meta")], "volumes left");
-    for name in tb.virsh_ok(&["list", "--all", "--name"]).lines() {
-        if name.starts_with("vm-") {
-            let xml = tb.virsh(&["dumpxml", name, "--inactive"]);
-            let xml = String::from_utf8_lossy(&xml.stdout);
-            assert!(
-                !xml.contains(&format!("agent-killed-{run}")),
-                "domain {name} of a killed create_vm"
-            );
-        }
-    }
+    let left = vm_domains_mentioning(tb, &format!("agent-killed-{run}"));
+    assert!(
+        left.is_empty(),
+        "domains of killed create_vm calls: {left:?}"
+    );
     assert!(
         !dhcp_hosts(tb, &net_name(tb)).iter().any(|h| h.2 == ip),
         "{ip} still reserved"

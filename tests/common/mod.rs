@@ -112,15 +112,8 @@ impl PrivatePool {
     pub fn volumes(&self) -> Vec<String> {
         let tb = testbed();
         let _ = tb.virsh(&["pool-refresh", &self.name]);
-        let out = tb.virsh(&["vol-list", &self.name]);
-        if !out.status.success() {
-            return Vec::new(); // not created yet
-        }
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(2)
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect()
+        // Empty while the pool is not created yet.
+        vol_list_names(&tb.virsh(&["vol-list", &self.name]))
     }
 }
 
@@ -185,6 +178,56 @@ pub fn uuid_like() -> String {
     format!("{:x}{:x}", n, std::process::id())
 }
 
+/// Starts the binary exactly as the director does (no argv but the config
+/// path, only PATH, HOME and TMPDIR in the environment), writes the request
+/// to its stdin and closes it. stdout and stderr are pipes.
+pub fn spawn_cpi(config: Option<&Path>, request: &[u8]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cpi"));
+    if let Some(config) = config {
+        cmd.arg(config);
+    }
+    let mut child = cmd
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "HOME",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+        )
+        .env("TMPDIR", std::env::temp_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the cpi binary");
+    child.stdin.take().unwrap().write_all(request).unwrap();
+    child
+}
+
+/// Names in `virsh vol-list` output (empty when virsh failed).
+pub fn vol_list_names(out: &std::process::Output) -> Vec<String> {
+    if !out.status.success() {
+        return Vec::new();
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Defined domains named `vm-*` whose persistent XML contains `text`.
+pub fn vm_domains_mentioning(tb: &Testbed, text: &str) -> Vec<String> {
+    tb.virsh_ok(&["list", "--all", "--name"])
+        .lines()
+        .filter(|name| name.starts_with("vm-"))
+        .filter(|name| {
+            let xml = tb.virsh(&["dumpxml", name, "--inactive"]);
+            String::from_utf8_lossy(&xml.stdout).contains(text)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 /// No CPI call of the tests takes this long; one that does is killed and
 /// fails its test (a hung libvirtd must not hang the whole run).
 pub const CPI_CALL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -244,24 +287,7 @@ pub struct CpiRun {
 /// only PATH, HOME and TMPDIR in the environment, the request on stdin, then
 /// EOF. Asserts exit status 0 and a response the director accepts.
 pub fn run_cpi_raw(config: Option<&Path>, stdin: &[u8]) -> CpiRun {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cpi"));
-    if let Some(config) = config {
-        cmd.arg(config);
-    }
-    let mut child = cmd
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env(
-            "HOME",
-            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
-        )
-        .env("TMPDIR", std::env::temp_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning the cpi binary");
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let child = spawn_cpi(config, stdin);
     let out = wait_with_timeout(child, CPI_CALL_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(

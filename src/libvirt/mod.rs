@@ -226,7 +226,10 @@ fn ssh_hint(message: &str, uri: &LibvirtUri, port: u16) -> String {
         format!("the host's ssh key is not the one {known_hosts} pins for it: a reinstalled host, or someone in the middle; compare the key with the host's own before you change known_hosts")
     } else if message.contains("was not accepted") || message.contains("host key") {
         format!("the host's ssh key is not in {known_hosts}; add the line `ssh-keyscan -p {port} <host>` prints, after checking it on the host")
-    } else if message.contains("Permission denied") || message.contains("authentication") {
+    } else if ["Permission denied", "Access denied", "authenticat"]
+        .iter()
+        .any(|m| message.contains(m))
+    {
         let key = uri
             .param("keyfile")
             .unwrap_or("the default ~/.ssh/id_* keys");

@@ -144,7 +144,7 @@ impl Config {
         let mut config = Self::from_value(file, context)
             .map_err(|e| e.context(format!("config file {}", path.display())))?;
         if let Some(dir) = path.parent() {
-            config.libvirt.uri = absolutize_pkipath(&config.libvirt.uri, dir);
+            config.libvirt.uri = absolutize_uri_paths(&config.libvirt.uri, dir);
         }
         Ok(config)
     }
@@ -186,7 +186,10 @@ impl Config {
             Err(e) => return invalid(format!("libvirt.uri: {e}")),
         };
         if uri.skips_verification() && !self.libvirt.insecure_skip_tls_verify {
-            return invalid(format!("libvirt.uri turns verification of the {} server off (no_verify); set libvirt.insecure_skip_tls_verify to true if that is really wanted", uri.transport.as_str()));
+            return invalid(format!("libvirt.uri turns verification of the {} server off (no_verify, or known_hosts_verify other than normal); set libvirt.insecure_skip_tls_verify to true if that is really wanted", uri.transport.as_str()));
+        }
+        if uri.runs_ssh_binary() && uri.param("known_hosts").is_some() {
+            return invalid("libvirt.uri: libvirt's qemu+ssh transport runs the ssh binary, which ignores known_hosts= (it checks the CPI user's own ~/.ssh/known_hosts instead); use qemu+libssh:// or qemu+libssh2:// to pin the host key with known_hosts=".into());
         }
         if self.pool.name.is_empty() || self.network.name.is_empty() {
             return invalid("pool.name and network.name must not be empty".into());
@@ -298,24 +301,68 @@ fn check_context(file: &Map<String, Value>, context: &Map<String, Value>) -> Res
     }
 }
 
-/// A relative `pkipath=` in the URI names a directory beside the config file
-/// (the BOSH job renders the PKI next to cpi.json, and `bosh create-env` only
-/// knows where that is at run time).
-fn absolutize_pkipath(uri: &str, config_dir: &Path) -> String {
-    let Some((before, rest)) = uri.split_once("pkipath=") else {
+/// URI parameters naming a file or directory on the CPI's machine.
+const PATH_PARAMS: &[&str] = &["pkipath", "keyfile", "known_hosts"];
+
+/// A relative `pkipath=`, `keyfile=` or `known_hosts=` in the URI names a
+/// path beside the config file (the BOSH job renders the TLS and ssh material
+/// next to cpi.json, and `bosh create-env` only knows where that is at run
+/// time). Parameter names are matched as libvirt matches them (without case,
+/// percent-decoded); everything else in the URI stays as written.
+fn absolutize_uri_paths(uri: &str, config_dir: &Path) -> String {
+    let Some((base, query)) = uri.split_once('?') else {
         return uri.to_string();
     };
-    if rest.starts_with('/') || !(before.ends_with('?') || before.ends_with('&')) {
-        return uri.to_string();
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let dir = percent_encode_path(&config_dir.display().to_string());
+    let mut out = format!("{base}?");
+    let mut rest = query;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let (segment, tail) = rest.split_at(end);
+        match segment.split_once('=') {
+            Some((name, value))
+                if !value.is_empty()
+                    && !value.starts_with('/')
+                    && !value.to_ascii_lowercase().starts_with("%2f")
+                    && PATH_PARAMS
+                        .iter()
+                        .any(|p| crate::uri::percent_decode(name).eq_ignore_ascii_case(p)) =>
+            {
+                out.push_str(&format!("{name}={dir}/{value}"));
+            }
+            _ => out.push_str(segment),
+        }
+        match tail.chars().next() {
+            Some(sep) => {
+                out.push(sep);
+                rest = &tail[1..];
+            }
+            None => break,
+        }
     }
-    let (value, after) = match rest.find('&') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    format!(
-        "{before}pkipath={}{after}",
-        config_dir.join(value).display()
-    )
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// Bytes a URI may not hold as they are (libvirt parses URIs strictly)
+/// become `%XX`; a typical path is unchanged.
+fn percent_encode_path(path: &str) -> String {
+    path.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"/-._~+,:@".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Objects merge key by key; anything else replaces.
@@ -477,17 +524,55 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn relative_pkipath_is_beside_the_config_file() {
+    fn relative_paths_in_the_uri_are_beside_the_config_file() {
         let dir = Path::new("/var/vcap/jobs/libvirt_cpi/config");
+        let abs = |uri: &str| absolutize_uri_paths(uri, dir);
         assert_eq!(
-            absolutize_pkipath("qemu+tls://h/system?pkipath=pki&no_verify=0", dir),
+            abs("qemu+tls://h/system?pkipath=pki&no_verify=0"),
             "qemu+tls://h/system?pkipath=/var/vcap/jobs/libvirt_cpi/config/pki&no_verify=0"
         );
         assert_eq!(
-            absolutize_pkipath("qemu+tls://h/system?pkipath=/abs/pki", dir),
+            abs("qemu+tls://h/system?pkipath=/abs/pki"),
             "qemu+tls://h/system?pkipath=/abs/pki"
         );
-        assert_eq!(absolutize_pkipath("qemu:///system", dir), "qemu:///system");
+        assert_eq!(abs("qemu:///system"), "qemu:///system");
+        assert_eq!(
+            abs("qemu+libssh://bosh@h:2222/system?keyfile=ssh/private_key;KNOWN_HOSTS=ssh/known_hosts&known_hosts_verify=normal"),
+            "qemu+libssh://bosh@h:2222/system?keyfile=/var/vcap/jobs/libvirt_cpi/config/ssh/private_key;\
+             KNOWN_HOSTS=/var/vcap/jobs/libvirt_cpi/config/ssh/known_hosts&known_hosts_verify=normal"
+        );
+        assert_eq!(
+            abs("qemu+ssh://h/system?keyfile=%2Froot%2Fk&no_tty=1&xkeyfile=k&keyfile="),
+            "qemu+ssh://h/system?keyfile=%2Froot%2Fk&no_tty=1&xkeyfile=k&keyfile="
+        );
+        assert_eq!(
+            absolutize_uri_paths("qemu+libssh://h/system?key%66ile=k", Path::new("/a dir")),
+            "qemu+libssh://h/system?key%66ile=/a%20dir/k"
+        );
+    }
+
+    #[test]
+    fn known_hosts_is_refused_where_libvirt_would_ignore_it() {
+        let mut v = sample();
+        v["libvirt"]["uri"] = json!("qemu+ssh://h/system?keyfile=/k&known_hosts=/kh&no_tty=1");
+        let e = load(v.clone()).unwrap_err().message;
+        assert!(
+            e.contains("ignores known_hosts") && e.contains("qemu+libssh://"),
+            "{e}"
+        );
+        for uri in [
+            "qemu+libssh://h/system?keyfile=/k&known_hosts=/kh",
+            "qemu+libssh2://h/system?keyfile=/k&known_hosts=/kh",
+            "qemu+ssh://h/system?keyfile=/k&no_tty=1",
+        ] {
+            v["libvirt"]["uri"] = json!(uri);
+            load(v.clone()).unwrap();
+        }
+        v["libvirt"]["uri"] = json!("qemu+libssh://h/system?known_hosts_verify=auto");
+        assert!(load(v)
+            .unwrap_err()
+            .message
+            .contains("insecure_skip_tls_verify"));
     }
 
     #[test]

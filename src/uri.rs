@@ -38,8 +38,13 @@ impl Transport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LibvirtUri {
     pub transport: Transport,
+    /// The transport as written after `+`, lowercased (`ssh`, `libssh`, ...);
+    /// empty when the URI names none.
+    pub transport_name: String,
     /// Empty for a local URI.
     pub host: String,
+    /// The port the URI names, if any.
+    pub port: Option<u16>,
     /// Decoded query parameters, in order.
     pub params: Vec<(String, String)>,
 }
@@ -53,13 +58,17 @@ impl LibvirtUri {
         let rest = rest.split_once('#').map_or(rest, |(r, _)| r);
         let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let authority = authority_path.split('/').next().unwrap_or("");
-        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let host = if host.starts_with('[') {
-            host.split_inclusive(']').next().unwrap_or(host)
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = if host_port.starts_with('[') {
+            host_port.split_inclusive(']').next().unwrap_or(host_port)
         } else {
-            host.split(':').next().unwrap_or(host)
+            host_port.split(':').next().unwrap_or(host_port)
         };
-        let transport = match transport_name.map(|t| t.to_ascii_lowercase()).as_deref() {
+        let port = host_port[host.len()..]
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok());
+        let transport_name = transport_name.map(|t| t.to_ascii_lowercase());
+        let transport = match transport_name.as_deref() {
             None if host.is_empty() => Transport::Unix,
             None | Some("tls") => Transport::Tls,
             Some("unix") => Transport::Unix,
@@ -78,7 +87,9 @@ impl LibvirtUri {
             .collect();
         Ok(LibvirtUri {
             transport,
+            transport_name: transport_name.unwrap_or_default(),
             host: host.to_string(),
+            port,
             params,
         })
     }
@@ -93,17 +104,33 @@ impl LibvirtUri {
     }
 
     /// Whether libvirt would skip verifying the server (TLS certificate or
-    /// ssh host key): any `no_verify` whose value is not the integer 0.
+    /// ssh host key): any `no_verify` whose value is not the integer 0, and
+    /// for the libssh/libssh2 clients a `known_hosts_verify` of `auto` (trust
+    /// and record an unknown key) or `ignore`.
     pub fn skips_verification(&self) -> bool {
-        self.params
+        let no_verify = self
+            .params
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case("no_verify"))
-            .any(|(_, v)| strtol_prefix(v) != 0 || v.trim().is_empty())
+            .any(|(_, v)| strtol_prefix(v) != 0 || v.trim().is_empty());
+        let lax_host_keys = self.transport == Transport::Ssh
+            && self
+                .param("known_hosts_verify")
+                .is_some_and(|v| v != "normal");
+        no_verify || lax_host_keys
+    }
+
+    /// Whether this is libvirt's `+ssh` transport, which runs the `ssh`
+    /// binary: it passes `keyfile` on (`-i`) but ignores `known_hosts`, so the
+    /// host key is checked against the user's own `~/.ssh/known_hosts`. Only
+    /// `+libssh` and `+libssh2` verify against a `known_hosts=` file.
+    pub fn runs_ssh_binary(&self) -> bool {
+        self.transport == Transport::Ssh && self.transport_name == "ssh"
     }
 }
 
 /// `%XX` sequences decoded; anything else (a lone `%`, `+`) kept as it is.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -196,6 +223,31 @@ mod tests {
         assert!(LibvirtUri::parse("not a uri").is_err());
         let u = LibvirtUri::parse("qemu+ssh://bosh@[::1]:2222/system?KeyFile=/k%20x").unwrap();
         assert_eq!(u.host, "[::1]");
+        assert_eq!(u.port, Some(2222));
         assert_eq!(u.param("keyfile"), Some("/k x"));
+        assert!(u.runs_ssh_binary());
+        let u = LibvirtUri::parse("qemu+LibSSH://h/system").unwrap();
+        assert_eq!((u.transport_name.as_str(), u.port), ("libssh", None));
+        assert!(!u.runs_ssh_binary());
+        assert_eq!(
+            LibvirtUri::parse("qemu+tcp://127.0.0.1:16509/system")
+                .unwrap()
+                .port,
+            Some(16509)
+        );
+    }
+
+    #[test]
+    fn lax_host_key_checks_of_the_ssh_libraries_count_as_skipping_verification() {
+        for v in ["auto", "ignore", "IGNORE", ""] {
+            assert!(
+                skips(&format!("qemu+libssh://h/system?known_hosts_verify={v}")),
+                "{v}"
+            );
+        }
+        assert!(!skips("qemu+libssh2://h/system?known_hosts_verify=normal"));
+        assert!(!skips("qemu+libssh://h/system?known_hosts=/k"));
+        // Only the ssh transports read it.
+        assert!(!skips("qemu+tls://h/system?known_hosts_verify=ignore"));
     }
 }

@@ -163,6 +163,7 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
             return out;
         }
     };
+    let found_missing = found.is_none();
     let directory: Option<PathBuf> = match found {
         None if !cfg.create => {
             out.push(Finding::error(
@@ -232,7 +233,13 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
             path.map(PathBuf::from)
         }
     };
+    // An existing pool's directory that this machine cannot see: the host is
+    // loopback-reached but not this filesystem (a container, a chroot).
+    let visible = |dir: &Path| dir.exists() || found_missing;
     if let (Some(dir), true) = (directory, local) {
+        if !visible(&dir) {
+            return out;
+        }
         if let Some(f) = qemu_can_reach(lv, config.libvirt.domain_type, &dir) {
             out.push(f);
         }

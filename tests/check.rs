@@ -451,19 +451,37 @@ fn a_missing_network_is_judged_by_what_the_cpi_would_do_and_not_created() {
     let f = expect(&report, "network", "error", "does not exist");
     assert!(f["fix"].as_str().unwrap().contains("network.subnet"), "{f}");
 
-    // With a subnet the CPI creates it, unless another network is on it.
-    let config = tb.config_with(
-        "net-creatable",
-        json!({"network": {"name": name, "subnet": "10.254.213.0/24"}}),
-    );
-    let (code, report) = check(&config, &["--static", "10.254.213.10-10.254.213.20"]);
+    // With a subnet the CPI creates it, unless another network is on it
+    // (other checkouts' tests make networks too: a third octet nobody uses).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let (code, report, octet) = (0..8)
+        .map(|i| {
+            let octet = 100 + (seed / 1000 + i * 37) % 150;
+            let config = tb.config_with(
+                "net-creatable",
+                json!({"network": {"name": name, "subnet": format!("10.254.{octet}.0/24")}}),
+            );
+            let statics = format!("10.254.{octet}.10-10.254.{octet}.20");
+            let (code, report) = check(&config, &["--static", &statics]);
+            (code, report, octet)
+        })
+        .find(|(_, r, _)| {
+            !findings(r, "network")[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("overlapping")
+        })
+        .expect("a free subnet in 8 tries");
     expect(&report, "network", "ok", "creates it on first use");
     // The DHCP range the CPI would give it is the upper half.
     expect(
         &report,
         "network.dhcp",
         "ok",
-        "10.254.213.128-10.254.213.254",
+        &format!("10.254.{octet}.128-10.254.{octet}.254"),
     );
     assert_eq!(code, 0, "{report:#}");
 

@@ -101,8 +101,9 @@ fn pki_copy(name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// A new client key and certificate from the test bed's CA, valid from
-/// `start` to `end` (openssl's YYYYMMDDHHMMSSZ), written into `pki`.
-fn issue_client_cert(pki: &Path, start: &str, end: &str) {
+/// `start` to `end` (openssl's YYYYMMDDHHMMSSZ), written into `pki`; the
+/// key made by `openssl genpkey KEY_ARGS...`.
+fn issue_client_cert(pki: &Path, start: &str, end: &str, key_args: &[&str]) {
     let tb = testbed();
     let ca = tb.dir.join("pki/ca");
     let work = pki.parent().unwrap().join("ca-work");
@@ -119,9 +120,14 @@ fn issue_client_cert(pki: &Path, start: &str, end: &str) {
     .unwrap();
     run(Command::new("openssl")
         .current_dir(&work)
-        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes"])
+        .arg("genpkey")
+        .args(key_args)
+        .args(["-out", "key.pem"]));
+    run(Command::new("openssl")
+        .current_dir(&work)
+        .args(["req", "-new", "-key", "key.pem"])
         .args(["-subj", "/O=cpi-testbed/CN=cpi-client"])
-        .args(["-keyout", "key.pem", "-out", "req.csr"]));
+        .args(["-out", "req.csr"]));
     run(Command::new("openssl")
         .current_dir(&work)
         .args(["ca", "-batch", "-notext", "-config", "ca.cnf"])
@@ -134,6 +140,8 @@ fn issue_client_cert(pki: &Path, start: &str, end: &str) {
     std::fs::copy(work.join("cert.pem"), pki.join("clientcert.pem")).unwrap();
     std::fs::copy(work.join("key.pem"), pki.join("clientkey.pem")).unwrap();
 }
+
+const RSA: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
 
 /// openssl's date form, `days` from now.
 fn openssl_date(days: i64) -> String {
@@ -286,7 +294,7 @@ fn a_client_cert_from_another_ca_is_an_error() {
 #[test]
 fn an_expired_client_cert_is_an_error_and_one_expiring_soon_a_warning() {
     let (pki, config) = pki_copy("expired");
-    issue_client_cert(&pki, "20200101000000Z", "20200201000000Z");
+    issue_client_cert(&pki, "20200101000000Z", "20200201000000Z", RSA);
     let (code, report) = check(&config, &[]);
     assert_eq!(code, 1, "{report:#}");
     let f = expect(&report, "tls.client_cert", "error", "expired on 2020-02-01");
@@ -298,7 +306,7 @@ fn an_expired_client_cert_is_an_error_and_one_expiring_soon_a_warning() {
     expect(&report, "tls.client_key", "ok", "is the key of");
 
     let (pki, config) = pki_copy("expiring");
-    issue_client_cert(&pki, &openssl_date(-1), &openssl_date(10));
+    issue_client_cert(&pki, &openssl_date(-1), &openssl_date(10), RSA);
     let (code, report) = check(&config, &[]);
     let f = expect(&report, "tls.client_cert", "warning", "expires on");
     let m = f["message"].as_str().unwrap();
@@ -334,6 +342,47 @@ fn a_key_that_is_not_the_certificates_is_an_error() {
     );
     assert!(f["fix"].as_str().unwrap().contains("private_key"), "{f}");
     expect(&report, "tls.signed_by", "ok", "signed by");
+}
+
+/// The bosh CLI's certificate variables carry PKCS#1 RSA keys ("RSA PRIVATE
+/// KEY"), openssl writes PKCS#8; EC keys are checked too.
+#[test]
+fn keys_in_the_formats_the_cli_and_openssl_write_are_matched() {
+    let (pki, config) = pki_copy("pkcs1");
+    let pkcs8 = std::fs::read_to_string(pki.join("clientkey.pem")).unwrap();
+    assert!(pkcs8.starts_with("-----BEGIN PRIVATE KEY-----"));
+    run(Command::new("openssl")
+        .args(["rsa", "-traditional", "-in"])
+        .arg(pki.join("clientkey.pem"))
+        .arg("-out")
+        .arg(pki.join("clientkey.pem")));
+    let pkcs1 = std::fs::read_to_string(pki.join("clientkey.pem")).unwrap();
+    assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let (code, report) = check(&config, &[]);
+    expect(&report, "tls.client_key", "ok", "is the key of");
+    expect(&report, "connection", "ok", "connected");
+    assert_eq!(code, 0, "{report:#}");
+
+    let (pki, config) = pki_copy("ec");
+    let ec = ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    issue_client_cert(&pki, &openssl_date(-1), &openssl_date(400), &ec);
+    let (_, report) = check(&config, &[]);
+    expect(&report, "tls.client_key", "ok", "is the key of");
+    expect(&report, "tls.signed_by", "ok", "cpi-testbed CA");
+    // Another EC key is not the certificate's.
+    run(Command::new("openssl")
+        .arg("genpkey")
+        .args(ec)
+        .arg("-out")
+        .arg(pki.join("clientkey.pem")));
+    let (code, report) = check(&config, &[]);
+    expect(
+        &report,
+        "tls.client_key",
+        "error",
+        "is not the private key of",
+    );
+    assert_eq!(code, 1);
 }
 
 #[test]

@@ -160,8 +160,13 @@ fn tls(paths: &TlsPaths, now: SystemTime) -> Vec<Finding> {
     match read_pems(&paths.key, "tls.client_key", "the client key") {
         Err(f) => out.push(f),
         Ok(pems) => {
+            // `openssl ecparam -genkey` writes EC PARAMETERS before the key.
+            let key = pems
+                .iter()
+                .find(|p| p.label.ends_with("PRIVATE KEY"))
+                .unwrap_or(&pems[0]);
             if let Some(cert) = &cert {
-                out.push(key_matches(&pems[0], cert, &paths.key, &paths.cert));
+                out.push(key_matches(key, cert, &paths.key, &paths.cert));
             }
             if let Some(f) = private_file_mode("tls.client_key", &paths.key) {
                 out.push(f);

@@ -706,3 +706,27 @@ fn json_shape_and_exit_statuses() {
         );
     }
 }
+
+#[test]
+fn an_existing_pool_elsewhere_than_pool_path_is_a_warning() {
+    let tb = testbed();
+    let config = tb.config_with(
+        "pool-elsewhere",
+        json!({"pool": {"path": "/var/lib/libvirt/elsewhere"}}),
+    );
+    let (code, report) = check(&config, &[]);
+    let f = expect(
+        &report,
+        "pool.path",
+        "warning",
+        "/var/lib/libvirt/elsewhere",
+    );
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("uses the pool as it is"),
+        "{f}"
+    );
+    assert_eq!(code, 0, "{report:#}");
+}

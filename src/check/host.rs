@@ -225,6 +225,15 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
                     format!("virsh pool-start {name} && virsh pool-autostart {name} (or set pool.create: true to let the CPI start it)"),
                 ));
             }
+            if let (Some(want), Some(have)) = (&cfg.path, &path) {
+                if Path::new(want) != Path::new(have) {
+                    out.push(Finding::warning(
+                        "pool.path",
+                        format!("pool.path is {want}, but storage pool '{name}' is at {have}; the CPI uses the pool as it is"),
+                        format!("set pool.path to {have}, or give the CPI another pool.name"),
+                    ));
+                }
+            }
             if active {
                 if let Ok(info) = pool.info() {
                     out.push(free_space(name, info.available, "the pool"));

@@ -324,6 +324,29 @@ impl Libvirt {
         )
     }
 
+    /// Whether the host has a network interface of that name (a bridge, or a
+    /// device for macvtap), as libvirt's interface driver sees it. None when
+    /// the host's libvirt has no interface driver to ask.
+    pub fn host_interface_exists(&self, name: &str) -> Result<Option<bool>> {
+        use virt::error::ErrorNumber;
+        match self.conn().lookup_interface_by_name(name) {
+            Ok(_) => Ok(Some(true)),
+            Err(e)
+                if e.code()
+                    .is_known_and(|c| matches!(c, ErrorNumber::NoInterface)) =>
+            {
+                Ok(Some(false))
+            }
+            Err(e)
+                if e.code()
+                    .is_known_and(|c| matches!(c, ErrorNumber::NoSupport)) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(lv_error(format!("looking up host interface {name}"), e)),
+        }
+    }
+
     /// Every libvirt network's name, for sweeps.
     pub fn network_names(&self) -> Result<Vec<String>> {
         let nets = self

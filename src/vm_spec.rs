@@ -65,7 +65,7 @@ impl DiskBus {
 
 /// How a disk is presented and cached: the root and ephemeral disks of a
 /// vm_type, or a persistent disk of a disk_type.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskOptions {
     pub bus: DiskBus,
     /// libvirt `cache=`; None: the hypervisor's default.
@@ -74,6 +74,17 @@ pub struct DiskOptions {
     pub io: Option<String>,
     /// `unmap` (the default: trims reach the thin image) or `ignore`.
     pub discard: String,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            bus: DiskBus::Virtio,
+            cache: None,
+            io: None,
+            discard: "unmap".into(),
+        }
+    }
 }
 
 pub const CACHE_MODES: &[&str] = &[

@@ -24,13 +24,16 @@ use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
 use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts, MIB};
 use crate::method::Object;
+use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
 /// The director retries a failed detach, and the request stays pending meanwhile.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// cloud_properties keys create_disk understands.
-const KNOWN_CLOUD_PROPERTIES: &[&str] = &["format", "source_snapshot"];
+/// cloud_properties keys create_disk understands (bus, cache, io and
+/// discard: `DiskOptions`, recorded with the disk for attach_disk).
+const KNOWN_CLOUD_PROPERTIES: &[&str] =
+    &["format", "source_snapshot", "bus", "cache", "io", "discard"];
 
 fn tags_name(disk_cid: &str) -> String {
     format!("{disk_cid}.tags")
@@ -158,7 +161,7 @@ pub fn create_disk(
         .filter(|k| !KNOWN_CLOUD_PROPERTIES.contains(k))
         .collect();
     if !unknown.is_empty() {
-        call.log.warn(format!(
+        call.log.warning(format!(
             "ignoring unknown disk cloud_properties: {}",
             unknown.join(", ")
         ));
@@ -176,6 +179,7 @@ pub fn create_disk(
             )))
         }
     };
+    let options = DiskOptions::parse(cloud_properties, "").map_err(CpiError::cloud)?;
     let source_snapshot = match cloud_properties.get("source_snapshot") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
@@ -254,12 +258,16 @@ pub fn create_disk(
     if let Some(s) = source_snapshot {
         record["source_snapshot"] = json!(s);
     }
+    if let (Value::Object(r), Value::Object(o)) = (&mut record, options.to_record()) {
+        r.extend(o);
+    }
     let lv = call.libvirt()?;
     lv.mark_complete(&pool, &disk_cid, &record)
         .map_err(|e| e.context(format!("recording disk {disk_cid}")))?;
     call.log.summary(format!(
-        "created {size_mib} MiB {} disk {disk_cid}{}",
+        "created {size_mib} MiB {} {} disk {disk_cid}{}",
         format.as_str(),
+        options.bus.as_str(),
         source_snapshot
             .map(|s| format!(" from snapshot {s}"))
             .unwrap_or_default()
@@ -323,6 +331,7 @@ pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
     let disk =
         find_disk(call, &pool, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
     let format = recorded_format(call, &pool, &disk)?;
+    let options = recorded_options(call, &pool, &disk)?;
     let r = disk.dref(&cfg.pool.name);
 
     let holders = call.libvirt()?.disk_holders(&r)?;
@@ -344,9 +353,9 @@ pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
     // between the live and the persistent step): keep its target.
     let target = match disks.live_ref(&r).or(disks.config_ref(&r)) {
         Some(d) => d.target.clone(),
-        None => next_free_target(&disks.used_targets()),
+        None => next_free_target(&disks.used_targets(), options.bus),
     };
-    let xml = disk_device_xml(&disk.facts.path, format, &target, disk_cid);
+    let xml = disk_device_xml(&disk.facts.path, format, &target, disk_cid, &options);
     let need_live = disks.running && disks.live_ref(&r).is_none();
     let need_config = disks.config_ref(&r).is_none();
     if need_live || need_config {
@@ -393,7 +402,33 @@ pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
     if call.request.wants_v1_shapes() {
         return Ok(Value::Null);
     }
-    Ok(json!({"path": format!("/dev/{target}")}))
+    Ok(json!({ "path": hint_path(&options, &target, disk_cid) }))
+}
+
+/// The `path` of the disk hint. The agent looks for a persistent disk by
+/// its CID first (`/dev/disk/by-id/*<CID>`, bosh-agent
+/// infrastructure/devicepathresolver/id_device_path_resolver.go), which
+/// finds both `virtio-<CID>` and the SCSI link; `path` is the fallback
+/// (mapped_device_path_resolver.go), which maps `/dev/sdX` to `/dev/vdX`
+/// first: so a SCSI disk's hint is its by-id link, never `/dev/sdX`.
+fn hint_path(options: &DiskOptions, target: &str, disk_cid: &str) -> String {
+    match options.bus {
+        DiskBus::Virtio => format!("/dev/{target}"),
+        DiskBus::Scsi => crate::settings::scsi_by_id(disk_cid),
+    }
+}
+
+/// The bus and cache/io/discard options create_disk recorded with the disk
+/// (an older CPI's record has none: the defaults).
+fn recorded_options(call: &mut Call, pool: &StoragePool, disk: &Disk) -> Result<DiskOptions> {
+    let meta = marker_name(&disk.cid);
+    let record = call.libvirt()?.read_json_volume(pool, &meta)?;
+    match record {
+        Some(r) => {
+            DiskOptions::from_record(&r).map_err(|e| CpiError::cloud(format!("{meta}: {e}")))
+        }
+        None => Ok(DiskOptions::default()),
+    }
 }
 
 /// Backs out an attach that lost a race (see attach_disk).

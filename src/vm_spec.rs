@@ -448,7 +448,13 @@ fn valid_machine(m: &str) -> bool {
 }
 
 /// `calculate_vm_cloud_properties`: the director's desired size as this
-/// CPI's cloud_properties.
+/// CPI's cloud_properties. The director caches the answer per vm_resources
+/// (cloudfoundry/bosh src/bosh-director/lib/bosh/director/deployment_plan/
+/// vm_resources_cache.rb) and uses it in place of a vm_type's, merged
+/// SHALLOWLY under the AZ's and over by each vm_extension's
+/// (deployment_plan/merged_cloud_properties.rb, Hash#merge): so the answer
+/// holds the sizing keys only, and every other property (cpu_mode,
+/// disk_bus, firmware...) comes from vm_extensions unchanged.
 pub fn cloud_properties_for(
     cpu: u64,
     ram_mib: u64,

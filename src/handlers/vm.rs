@@ -518,6 +518,9 @@ fn plan_nics(
                         ));
                     }
                 }
+                // libvirt refuses a MAC in an IPv6 host entry ("Invalid to
+                // specify MAC address ... IPv6 static host definition",
+                // src/conf/network_conf.c): DHCPv6 hosts match a DUID.
                 (IpAddr::V6(ip), _) => log.info(format!(
                     "networks.{}.ip {ip}: IPv6, configured by the agent from the settings (libvirt's DHCPv6 host entries match a DUID, not the MAC, so no reservation is made)",
                     r.name

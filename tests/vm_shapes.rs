@@ -64,21 +64,26 @@ impl Drop for Made {
     }
 }
 
-/// A libvirt network with an IPv4 subnet and no DHCP, for this test only.
-fn network_without_dhcp(tb: &Testbed) -> String {
+/// A transient libvirt network of this test, isolated, without DHCP, with
+/// the given `<ip>` elements.
+fn test_network(tb: &Testbed, kind: &str, ips: &str) -> String {
     let name = format!(
-        "cpitb-nodhcp-{}",
+        "cpitb-{kind}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let dir = scratch_dir("nodhcp");
-    let xml = dir.join("net.xml");
-    std::fs::write(
-        &xml,
-        format!("<network><name>{name}</name><ip address='192.168.251.1' prefix='24'/></network>"),
-    )
-    .unwrap();
+    let xml = scratch_dir(kind).join("net.xml");
+    std::fs::write(&xml, format!("<network><name>{name}</name>{ips}</network>")).unwrap();
     tb.virsh_ok(&["net-create", xml.to_str().unwrap()]);
     name
+}
+
+/// Removes a network of `test_network` on drop.
+struct NetworkGuard(String);
+
+impl Drop for NetworkGuard {
+    fn drop(&mut self) {
+        let _ = testbed().virsh(&["net-destroy", &self.0]);
+    }
 }
 
 fn guest_macs(lines: &[String]) -> Vec<String> {
@@ -134,7 +139,7 @@ fn shapes_reach_the_domain_xml_and_the_guest() {
         disks: Vec::new(),
         network: None,
     };
-    let isolated = network_without_dhcp(tb);
+    let isolated = test_network(tb, "nodhcp", "<ip address='192.168.251.1' prefix='24'/>");
     made.network = Some(isolated.clone());
     let hosts_before = all_dhcp_hosts(tb).len();
 
@@ -420,6 +425,11 @@ fn every_invalid_property_is_refused_and_nothing_is_made() {
     };
     let lan =
         |cp: Value| json!({"default": manual, "lan": {"type": "dynamic", "cloud_properties": cp}});
+    let v6 = NetworkGuard(test_network(
+        tb,
+        "v6",
+        "<ip family='ipv6' address='fd00:252::1' prefix='64'/>",
+    ));
     let cases: Vec<(Value, Value, &str)> = vec![
         // The test bed's domains are qemu (TCG): no host CPU to expose.
         (with(json!({"cpu_mode": "host-passthrough"})), json!({"default": manual}),
@@ -460,6 +470,10 @@ fn every_invalid_property_is_refused_and_nothing_is_made() {
          json!({"default": {"type": "manual", "ip": ip, "cloud_properties": {"nic_group": "g"}},
                 "lan": {"type": "dynamic", "cloud_properties": {"bridge": BRIDGE, "nic_group": "g"}}}),
          "share nic_group 'g' but not their network_name/bridge/macvtap"),
+        (base.clone(),
+         json!({"default": manual, "v6": {"type": "manual", "ip": "fd00:253::10", "prefix": "64",
+                                          "cloud_properties": {"network_name": v6.0}}}),
+         "networks.v6.ip fd00:253::10 is not a usable address of libvirt network"),
     ];
     for (cp, nets, needle) in cases {
         let agent = format!("agent-shapes-bad-{}", uuid::Uuid::new_v4());

@@ -404,7 +404,10 @@ fn plan_nics(
             continue;
         }
         let net_name = libvirt_network_of(&r, config);
-        // A later network of a nic_group rides on the group's first NIC.
+        // A later network of a nic_group rides on the group's first NIC:
+        // the agent configures every network whose settings carry a NIC's
+        // MAC on that NIC (bosh-agent platform/net/
+        // interface_configuration_creator.go, NetworksForMac).
         let group_head = r.nic_group.as_ref().and_then(|g| {
             plans
                 .iter()
@@ -521,6 +524,13 @@ fn plan_nics(
                 // libvirt refuses a MAC in an IPv6 host entry ("Invalid to
                 // specify MAC address ... IPv6 static host definition",
                 // src/conf/network_conf.c): DHCPv6 hosts match a DUID.
+                (IpAddr::V6(ip), _) if !info.usable_ipv6(ip) => {
+                    let (host, prefix) = info.ipv6.unwrap_or((ip, 128));
+                    return Err(creation_failed(format!(
+                        "networks.{}.ip {ip} is not a usable address of libvirt network '{net_name}' (IPv6 {host}/{prefix})",
+                        r.name
+                    )));
+                }
                 (IpAddr::V6(ip), _) => log.info(format!(
                     "networks.{}.ip {ip}: IPv6, configured by the agent from the settings (libvirt's DHCPv6 host entries match a DUID, not the MAC, so no reservation is made)",
                     r.name

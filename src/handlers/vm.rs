@@ -947,7 +947,12 @@ fn sweep_vm_leftovers(
         let Some(net) = lv.find_network(&net_name)? else {
             continue;
         };
-        let info = lv.network_info(&net, &net_name)?;
+        let info = match lv.network_info(&net, &net_name) {
+            Ok(info) => info,
+            // Removed since it was listed (another client's network): nothing to sweep there.
+            Err(_) if lv.find_network(&net_name)?.is_none() => continue,
+            Err(e) => return Err(e),
+        };
         for host in &info.hosts {
             let named = host
                 .name
@@ -1084,7 +1089,18 @@ fn remove_killed_create(
         creator.pid, creator.boot_id
     ));
     lv.destroy_domain(dom, vm)?;
+    // The domain, with its dead creator, marks the leftovers until they are
+    // gone: it is undefined only once the sweep found nothing it could not
+    // remove (a volume libvirtd is still building for the killed call stays,
+    // and so does the domain, for the next call's sweep).
+    let problems = sweep_vm_leftovers(lv, pool, vm, &[], log)?;
+    if !problems.is_empty() {
+        log.warn(format!("sweeping {vm}: {}", problems.join("; ")));
+        return Ok(false);
+    }
     lv.undefine_domain(dom, vm)?;
+    // libvirtd finishes a call whose client was killed: a volume that call
+    // made while the first sweep ran shows up only now.
     let problems = sweep_vm_leftovers(lv, pool, vm, &[], log)?;
     if !problems.is_empty() {
         log.warn(format!("sweeping {vm}: {}", problems.join("; ")));

@@ -504,7 +504,23 @@ fn every_invalid_property_is_refused_and_nothing_is_made() {
         }
     }
 
-    // disk_types: the same options, checked before any volume is made.
+    // disk_types: persistent disks default to cache none, so native AIO
+    // alone is fine (and recorded with that cache mode).
+    let d = ok(config, "create_disk", json!([16, {"io": "native"}, null]));
+    let d = d.as_str().unwrap().to_string();
+    let meta = tb.virsh_ok(&[
+        "vol-download",
+        "--pool",
+        &tb.pool_name(),
+        &format!("{d}.meta"),
+        "/dev/stdout",
+    ]);
+    ok(config, "delete_disk", json!([d]));
+    assert!(
+        meta.contains("\"cache\":\"none\"") && meta.contains("\"io\":\"native\""),
+        "{meta}"
+    );
+    // The same options, checked before any volume is made.
     for (cp, needle) in [
         (
             json!({"bus": "ide"}),

@@ -179,7 +179,13 @@ pub fn create_disk(
             )))
         }
     };
-    let options = DiskOptions::parse(cloud_properties, "").map_err(CpiError::cloud)?;
+    // Persistent disks default to cache 'none' (see disk_device_xml), so
+    // `io: native` alone is valid here.
+    let mut with_default_cache = cloud_properties.clone();
+    if with_default_cache.get("cache").is_none_or(Value::is_null) {
+        with_default_cache.insert("cache".into(), json!("none"));
+    }
+    let options = DiskOptions::parse(&with_default_cache, "").map_err(CpiError::cloud)?;
     let source_snapshot = match cloud_properties.get("source_snapshot") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),

@@ -192,8 +192,21 @@ fn shapes_reach_the_domain_xml_and_the_guest() {
     // VM b: BIOS (the default), plain virtio disks with a cache mode, SPICE;
     // a NIC on macvtap over the host bridge and one on a libvirt network
     // without DHCP (manual IP: the agent configures it, nothing reserved).
-    let b_cp = json!({"cpu": 1, "memory": 256, "ephemeral_disk": 64, "disk_cache": "writeback",
-        "graphics": "spice"});
+    // Its size comes from vm_resources as the director does it: the CPI's
+    // calculate_vm_cloud_properties answer, merged shallowly with a
+    // vm_extension's shapes (bosh-director deployment_plan/
+    // merged_cloud_properties.rb).
+    let mut b_cp = ok(
+        &config,
+        "calculate_vm_cloud_properties",
+        json!([{"cpu": 1, "ram": 256, "ephemeral_disk_size": 64}]),
+    );
+    b_cp.as_object_mut().unwrap().extend(
+        json!({"disk_cache": "writeback", "graphics": "spice"})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
     let b_nets = json!({
         "a-direct": {"type": "dynamic", "cloud_properties": {"macvtap": BRIDGE, "macvtap_mode": "bridge"}},
         "b-isolated": {"type": "manual", "ip": "192.168.251.10", "netmask": "255.255.255.0",
@@ -263,6 +276,8 @@ fn shapes_reach_the_domain_xml_and_the_guest() {
     // The XML of b.
     let x = tb.virsh_ok(&["dumpxml", &b, "--inactive"]);
     for want in [
+        "<memory unit='KiB'>262144</memory>",
+        ">1</vcpu>",
         "<interface type='direct'>",
         &format!("<source dev='{BRIDGE}' mode='bridge'/>"),
         &format!("<source network='{isolated}'/>"),

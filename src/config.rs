@@ -153,6 +153,8 @@ impl Config {
         let Value::Object(ref mut object) = file else {
             return Err(CpiError::cloud("config must be a JSON object"));
         };
+        check_sections(object, "config")?;
+        check_sections(context, "request context")?;
         check_context(object, context)?;
         for key in CONFIG_KEYS {
             if let Some(overlay) = context.get(*key) {
@@ -251,6 +253,28 @@ const FILE_ONLY: &[(&str, &str)] = &[
     ("pool", "create"),
     ("console_log_dir", ""),
 ];
+
+/// The keys whose values are sections (objects of settings).
+const SECTIONS: &[&str] = &["libvirt", "pool", "network", "agent"];
+
+/// A section must be a JSON object, in the file and in a context alike:
+/// serde would also read a struct from an array of its fields in order
+/// (`"libvirt": ["qemu+tls://h/system", "kvm", "q35", true]`), which the
+/// key-by-key checks of a context would not see.
+fn check_sections(object: &Map<String, Value>, whose: &str) -> Result<()> {
+    for key in SECTIONS {
+        match object.get(*key) {
+            None | Some(Value::Object(_)) => {}
+            Some(other) => {
+                return Err(CpiError::cloud(format!(
+                    "invalid {whose}: '{key}' must be an object, got {}",
+                    crate::envelope::json_type(other)
+                )))
+            }
+        }
+    }
+    Ok(())
+}
 
 fn check_context(file: &Map<String, Value>, context: &Map<String, Value>) -> Result<()> {
     let refuse = |what: String| {
@@ -492,6 +516,37 @@ pub(crate) mod tests {
         assert_eq!(
             (c.pool.name.as_str(), c.network.name.as_str()),
             ("p2", "n2")
+        );
+    }
+
+    #[test]
+    fn sections_must_be_objects_in_the_file_and_in_a_context() {
+        let mut file = sample();
+        file["libvirt"]["uri"] = json!("qemu+tls://kvm-1/system?pkipath=/p");
+        // Field order of the structs: a context that could otherwise turn
+        // verification off, switch the transport or place a pool anywhere.
+        for ctx in [
+            json!({"libvirt": ["qemu+tcp://kvm-2/system", "kvm", "q35", true]}),
+            json!({"libvirt": ["qemu+tls://kvm-2/system?no_verify=1"]}),
+            json!({"pool": ["p", "/etc", true]}),
+            json!({"network": ["n", "10.9.0.0/24"]}),
+            json!({"agent": "nats://x"}),
+            json!({"pool": null}),
+        ] {
+            let e = Config::from_value(file.clone(), ctx.as_object().unwrap()).unwrap_err();
+            assert!(
+                e.message.contains("invalid request context")
+                    && e.message.contains("must be an object"),
+                "{ctx}: {}",
+                e.message
+            );
+        }
+        let mut v = sample();
+        v["pool"] = json!(["bosh", "/var/lib/bosh-pool", true]);
+        let e = load(v).unwrap_err().message;
+        assert!(
+            e.contains("invalid config: 'pool' must be an object, got an array"),
+            "{e}"
         );
     }
 

@@ -221,8 +221,14 @@ impl Config {
         let uri = &self.libvirt.uri;
         let skips = LibvirtUri::parse(uri).is_ok_and(|u| u.skips_verification());
         if self.libvirt.insecure_skip_tls_verify && !skips {
-            let sep = if uri.contains('?') { '&' } else { '?' };
-            format!("{uri}{sep}no_verify=1")
+            // Into the query, before any fragment (libvirt ignores a
+            // fragment, so a parameter after `#` would do nothing).
+            let (base, fragment) = match uri.split_once('#') {
+                Some((b, f)) => (b, format!("#{f}")),
+                None => (uri.as_str(), String::new()),
+            };
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}no_verify=1{fragment}")
         } else {
             uri.clone()
         }
@@ -572,10 +578,15 @@ pub(crate) mod tests {
         v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p");
         v["libvirt"]["insecure_skip_tls_verify"] = json!(true);
         assert_eq!(
-            load(v).unwrap().libvirt_uri(),
+            load(v.clone()).unwrap().libvirt_uri(),
             "qemu+tls://h/system?pkipath=/p&no_verify=1"
         );
         assert_eq!(load(sample()).unwrap().libvirt_uri(), "test:///default");
+        v["libvirt"]["uri"] = json!("qemu+tls://h/system#f");
+        assert_eq!(
+            load(v).unwrap().libvirt_uri(),
+            "qemu+tls://h/system?no_verify=1#f"
+        );
     }
 
     #[test]

@@ -318,26 +318,43 @@ impl Qcow2Header {
                 "qcow2 image uses unknown incompatible features (bits {unknown:#x})"
             ));
         }
-        if version == 3 && header_length > 104 {
-            let compression_type = p.get(104).copied().unwrap_or(0);
-            if compression_type > 1 {
-                return Err(format!(
-                    "qcow2 image uses unknown compression type {compression_type}"
-                ));
-            }
-            if compression_type != 0 && incompatible_features & INCOMPAT_COMPRESSION == 0 {
-                return Err(corrupt(
-                    "compression type set without its feature bit".into(),
-                ));
-            }
+        // The compression type and its feature bit go together both ways
+        // (QEMU's validate_compression_type): zlib, the default when the
+        // header has no such field, with the bit set is refused too.
+        let compression_type = if version == 3 && header_length > 104 {
+            p.get(104).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        if compression_type > 1 {
+            return Err(format!(
+                "qcow2 image uses unknown compression type {compression_type}"
+            ));
+        }
+        if (compression_type != 0) != (incompatible_features & INCOMPAT_COMPRESSION != 0) {
+            return Err(corrupt(
+                "compression type and its incompatible feature bit disagree".into(),
+            ));
+        }
+        // Extended L2 entries split a cluster in 32 subclusters, which QEMU
+        // wants to be at least 512 bytes ("Unsupported subcluster size").
+        if incompatible_features & INCOMPAT_EXTL2 != 0 && cluster_bits < 14 {
+            return Err(corrupt(format!(
+                "extended L2 entries with {cluster_size}-byte clusters (subclusters under 512 bytes)"
+            )));
         }
         check_extensions(p, header_length as usize, cluster_size, image_size)?;
 
         if refcount_order > 6 {
             return Err(corrupt(format!("refcount_order {refcount_order}")));
         }
-        if size == 0 {
-            return Err(corrupt("virtual size is 0".into()));
+        // QEMU sees whole sectors only (total_sectors = size / 512 in
+        // qcow2_do_open) and qemu-img only makes such sizes: anything else
+        // is hand-made, and the volume would claim more than the guest gets.
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(corrupt(format!(
+                "virtual size {size} is not a positive whole number of 512-byte sectors"
+            )));
         }
         let header = Qcow2Header {
             version,
@@ -381,8 +398,11 @@ impl Qcow2Header {
         // QEMU's qcow2_do_open checks every table with qcow2_validate_table
         // (block/qcow2.c), which wants a cluster-aligned offset even for a
         // table of no entries: an image that breaks this, QEMU cannot open.
-        let aligned = |what: &str, offset: u64| -> Result<(), String> {
-            if offset.is_multiple_of(cluster_size) {
+        // It also wants offset + size to fit in an int64_t.
+        let qemu_valid = |what: &str, offset: u64, bytes: u64| -> Result<(), String> {
+            if offset > (i64::MAX as u64).saturating_sub(bytes) {
+                Err(corrupt(format!("{what} offset {offset} is invalid")))
+            } else if offset.is_multiple_of(cluster_size) {
                 Ok(())
             } else {
                 Err(corrupt(format!(
@@ -390,8 +410,12 @@ impl Qcow2Header {
                 )))
             }
         };
-        aligned("L1 table", l1_table_offset)?;
-        aligned("snapshot table", snapshots_offset)?;
+        qemu_valid("L1 table", l1_table_offset, l1_bytes)?;
+        qemu_valid(
+            "snapshot table",
+            snapshots_offset,
+            u64::from(nb_snapshots) * 40,
+        )?;
         if l1_size > 0 {
             within("L1 table", l1_table_offset, l1_bytes)?;
         }
@@ -415,21 +439,33 @@ impl Qcow2Header {
     }
 }
 
-/// Walks the header extensions (from the end of the header to the end of the
-/// first cluster, as QEMU does).
+/// Walks the header extensions from the end of the header to the end of the
+/// first cluster, as QEMU's qcow2_read_extensions (block/qcow2.c) does: an
+/// extension whose length runs past the first cluster makes QEMU refuse the
+/// image ("Header extension too large"), so it is refused here too. Past the
+/// end of a small file QEMU reads zeros, which end the list.
 fn check_extensions(
     p: &[u8],
     mut at: usize,
     cluster_size: u64,
     image_size: u64,
 ) -> Result<(), String> {
-    let end = usize::try_from(cluster_size.min(image_size)).unwrap_or(usize::MAX);
-    while at + 8 <= end {
+    let end = usize::try_from(cluster_size).unwrap_or(usize::MAX);
+    while at < end {
+        if at as u64 >= image_size {
+            return Ok(());
+        }
         if at + 8 > p.len() {
             return Err("truncated qcow2 image: header extensions cut off".into());
         }
         let kind = be32(p, at);
         let len = be32(p, at + 4) as usize;
+        at += 8;
+        if at > end || len > end - at {
+            return Err(format!(
+                "corrupt qcow2 image: header extension {kind:#x} of {len} bytes runs past the first cluster"
+            ));
+        }
         match kind {
             EXT_END => return Ok(()),
             EXT_CRYPTO => {
@@ -449,7 +485,7 @@ fn check_extensions(
             }
             EXT_DATA_FILE => {
                 let name = p
-                    .get(at + 8..at + 8 + len)
+                    .get(at..at + len)
                     .map(|b| format!(" '{}'", String::from_utf8_lossy(b)))
                     .unwrap_or_default();
                 return Err(format!(
@@ -458,12 +494,7 @@ fn check_extensions(
             }
             _ => {}
         }
-        at = at
-            .checked_add(8 + len.div_ceil(8) * 8)
-            .ok_or("corrupt qcow2 image: header extension length overflows")?;
-    }
-    if at > end {
-        return Err("corrupt qcow2 image: header extensions run past the first cluster".into());
+        at += len.div_ceil(8) * 8;
     }
     Ok(())
 }
@@ -751,7 +782,10 @@ mod tests {
             .contains("unknown incompatible features (bits 0x100000)"));
         let mut h = v3();
         h[72..80].copy_from_slice(&(INCOMPAT_EXTL2 | INCOMPAT_COMPRESSION).to_be_bytes());
+        h[104] = 1; // zstd
         check(&h).unwrap();
+        h[104] = 0; // zlib with the bit set: QEMU refuses that
+        assert!(check(&h).unwrap_err().contains("disagree"));
         for bit in [INCOMPAT_DIRTY, INCOMPAT_CORRUPT] {
             let mut h = v3();
             h[72..80].copy_from_slice(&bit.to_be_bytes());
@@ -785,6 +819,36 @@ mod tests {
         let e = check(&h).unwrap_err();
         assert!(
             e.contains("snapshot table at offset 1000 is not cluster-aligned"),
+            "{e}"
+        );
+    }
+
+    /// Found by tests/fuzz.rs: images this module accepted and `qemu-img
+    /// info` cannot open ("Header extension too large"), or sees smaller.
+    #[test]
+    fn what_qemu_would_not_open_as_declared_is_refused() {
+        // Even the end-of-extensions marker: QEMU checks every extension's
+        // length before it looks at the type.
+        for kind in [EXT_END, 0x1234_5678] {
+            let mut h = v3();
+            h[112..116].copy_from_slice(&kind.to_be_bytes());
+            h[116..120].copy_from_slice(&131_072u32.to_be_bytes());
+            let e = check(&h).unwrap_err();
+            assert!(e.contains("runs past the first cluster"), "{e}");
+        }
+        // A snapshot table (of no snapshots) at an offset past int64_t.
+        let mut h = v3();
+        h[64..72].copy_from_slice(&(1u64 << 63).to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(
+            e.contains("snapshot table offset 9223372036854775808 is invalid"),
+            "{e}"
+        );
+        let mut h = v3();
+        h[24..32].copy_from_slice(&((1u64 << 20) - 2).to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(
+            e.contains("not a positive whole number of 512-byte sectors"),
             "{e}"
         );
     }

@@ -327,7 +327,11 @@ fn check_context(file: &Map<String, Value>, context: &Map<String, Value>) -> Res
             wanted.transport.as_str(),
             base.transport.as_str()
         )),
-        None => Ok(()), // the file's own URI is judged by validate()
+        // Replaced, the file's own URI would never be judged: without it
+        // there is nothing to hold the context's transport to.
+        None => Err(CpiError::cloud(
+            "invalid request context: it sets libvirt.uri, but the config file has no valid libvirt.uri to compare it with",
+        )),
     }
 }
 
@@ -515,6 +519,14 @@ pub(crate) mod tests {
                 "{ctx}: {e}"
             );
         }
+        // A file URI that does not parse cannot be replaced by a context's.
+        let mut broken = file.clone();
+        broken["libvirt"]["uri"] = json!("qemu+tls:/%zz/system");
+        let ctx = json!({"libvirt": {"uri": "qemu+tcp://kvm-2/system"}});
+        let e = Config::from_value(broken, ctx.as_object().unwrap())
+            .unwrap_err()
+            .message;
+        assert!(e.contains("no valid libvirt.uri to compare"), "{e}");
         // Another host over the same transport, its own pool and network: fine.
         let ctx = json!({"libvirt": {"uri": "qemu+tls://kvm-2/system?pkipath=/q"},
                          "pool": {"name": "p2"}, "network": {"name": "n2"}});

@@ -181,6 +181,27 @@ fn check_characters(uri: &str) -> Result<(), String> {
     if b.iter().filter(|&&c| c == b'#').count() > 1 {
         return refuse("more than one '#'".into());
     }
+    // Brackets belong around an IPv6 host and may appear in the fragment;
+    // nowhere else (RFC 3986's path and query characters exclude them).
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Ok(()); // not a libvirt URI at all: parse() says so
+    };
+    if !scheme
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c))
+        || !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+    {
+        return refuse(format!("'{scheme}' is not a URI scheme"));
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let fragment_start = rest.find('#').unwrap_or(rest.len());
+    if let Some(at) = rest[authority_end..fragment_start].find(['[', ']']) {
+        return refuse(format!(
+            "'{}' at byte {} is only allowed around an IPv6 host",
+            &rest[authority_end + at..authority_end + at + 1],
+            scheme.len() + 3 + authority_end + at
+        ));
+    }
     Ok(())
 }
 
@@ -296,6 +317,9 @@ mod tests {
             "qemu+tls://h/system?p#frag#x&no_verify=1",
             "qemu+tls://h/system?a=\u{e9}",
             "qemu+tls://h/system?a=%2",
+            "qemu+tls://h/system?pkipath=/p[",
+            "qemu+tls://h/sys]tem",
+            "qe%6Du+tls://h/system",
         ] {
             let e = LibvirtUri::parse(bad).unwrap_err();
             assert!(e.contains("libvirt cannot parse the URI"), "{bad}: {e}");

@@ -196,6 +196,16 @@ impl Config {
         if self.pool.name.is_empty() || self.network.name.is_empty() {
             return invalid("pool.name and network.name must not be empty".into());
         }
+        // libvirt names go through its C API: a NUL cannot, and a lookup
+        // that fails for it must not read as "no such volume".
+        for (key, name) in [
+            ("pool.name", &self.pool.name),
+            ("network.name", &self.network.name),
+        ] {
+            if name.chars().any(char::is_control) {
+                return invalid(format!("{key} {name:?} holds a control character"));
+            }
+        }
         if self.pool.create {
             match &self.pool.path {
                 Some(p) if p.starts_with('/') => {}
@@ -661,6 +671,12 @@ pub(crate) mod tests {
             .unwrap_err()
             .message
             .contains("pool.create needs pool.path"));
+        for key in ["pool", "network"] {
+            let mut v = sample();
+            v[key]["name"] = json!("a\u{0}b");
+            let e = load(v).unwrap_err().message;
+            assert!(e.contains("holds a control character"), "{e}");
+        }
         let mut v = sample();
         v["network"]["subnet"] = json!("10.0.0.0/33");
         assert!(load(v).unwrap_err().message.contains("network.subnet"));

@@ -86,12 +86,23 @@ fn corpus_dir(target: &str) -> PathBuf {
 
 /// The seeds of a target, in name order (files; `uri` holds one per line).
 fn corpus(target: &str) -> Vec<Vec<u8>> {
+    named_corpus(target).into_iter().map(|(_, b)| b).collect()
+}
+
+/// The seeds with their file names.
+fn named_corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(corpus_dir(target))
         .unwrap_or_else(|e| panic!("corpus of {target}: {e}"))
         .map(|e| e.unwrap().path())
         .collect();
     paths.sort();
-    let seeds: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let seeds: Vec<(String, Vec<u8>)> = paths
+        .iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(p).unwrap())
+        })
+        .collect();
     assert!(!seeds.is_empty(), "empty corpus for {target}");
     seeds
 }
@@ -638,15 +649,28 @@ fn qemu_img_info(img: &[u8], dir: &Path) -> Result<Value, String> {
 #[test]
 fn qcow2() {
     let dir = scratch_dir("fuzz-qcow2");
-    let seeds = corpus("qcow2");
+    let named = named_corpus("qcow2");
+    let seeds: Vec<Vec<u8>> = named.iter().map(|(_, b)| b.clone()).collect();
     let mut qemu_checked = 0;
     let mut case = 0usize;
     campaign("qcow2", &seeds, 500, mutate_qcow2, |img| {
+        // Seeds named refused-* are regressions: images once accepted that
+        // QEMU would not open as declared. Every other seed is valid.
+        let seed = named.get(case).map(|(n, _)| n.as_str());
         case += 1;
         let size = img.len() as u64;
         let prefix = &img[..img.len().min(PREFIX_LEN)];
-        let root = match image::inspect(prefix, size) {
-            Err(_) if case <= seeds.len() => return Err("a seed image was refused".into()),
+        let inspected = image::inspect(prefix, size);
+        match (seed, &inspected) {
+            (Some(n), Ok(_)) if n.starts_with("refused-") => {
+                return Err(format!("regression seed {n} accepted"))
+            }
+            (Some(n), Err(e)) if !n.starts_with("refused-") => {
+                return Err(format!("valid seed {n} refused: {e}"))
+            }
+            _ => {}
+        }
+        let root = match inspected {
             Err(_) => return Ok(Verdict::Refused),
             Ok(root) => root,
         };

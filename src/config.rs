@@ -237,7 +237,13 @@ impl Config {
                 Some((b, f)) => (b, format!("#{f}")),
                 None => (uri.as_str(), String::new()),
             };
-            let sep = if base.contains('?') { '&' } else { '?' };
+            // libvirt splits on ';' only when the query has no '&': an '&'
+            // added to "a=1;b=2" would make "1;b=2" the value of a.
+            let sep = match base.split_once('?') {
+                None => '?',
+                Some((_, q)) if q.contains(';') && !q.contains('&') => ';',
+                Some(_) => '&',
+            };
             format!("{base}{sep}no_verify=1{fragment}")
         } else {
             uri.clone()
@@ -604,6 +610,14 @@ pub(crate) mod tests {
             "qemu+tls://h/system?pkipath=/p&no_verify=1"
         );
         assert_eq!(load(sample()).unwrap().libvirt_uri(), "test:///default");
+        v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p;mode=direct");
+        let uri = load(v.clone()).unwrap().libvirt_uri();
+        assert_eq!(
+            uri,
+            "qemu+tls://h/system?pkipath=/p;mode=direct;no_verify=1"
+        );
+        let params = LibvirtUri::parse(&uri).unwrap().params;
+        assert_eq!(params[0], ("pkipath".into(), "/p".into()));
         v["libvirt"]["uri"] = json!("qemu+tls://h/system#f");
         assert_eq!(
             load(v).unwrap().libvirt_uri(),

@@ -427,12 +427,16 @@ const JSON_DICT: &[&[u8]] = &[
 // ---------------------------------------------------------------------------
 // request: the envelope and every method's arguments, in the library.
 
+/// A config for libvirt's test driver, in the CPI's own process: the host
+/// is tests/fuzz/test-node.xml, which holds the VM, stemcell and disk the
+/// request seeds name. Nothing on this machine is touched.
 fn fuzz_config(name: &str) -> PathBuf {
     let path = scratch_dir(name).join("cpi.json");
+    let node = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/test-node.xml");
     std::fs::write(
         &path,
         serde_json::to_vec(&json!({
-            "libvirt": {"uri": "test:///default", "domain_type": "qemu"},
+            "libvirt": {"uri": format!("test://{}", node.display()), "domain_type": "qemu"},
             "pool": {"name": "default-pool"},
             "network": {"name": "default"},
             "agent": {"mbus": "nats://10.0.0.1:4222"},
@@ -570,6 +574,42 @@ fn request_binary() {
             })
         },
     );
+}
+
+/// Issue 11 item 8, through the binary against the test driver's VM: on
+/// main a NUL in a metadata value panicked inside virt (the response
+/// carried the domain XML as a byte list) and a control character came back
+/// as libxml2's parse error with the XML; now both are a CpiError naming the
+/// key, and good metadata is still stored.
+#[test]
+fn metadata_libvirt_cannot_hold_is_a_typed_error_through_the_binary() {
+    let config = fuzz_config("fuzz-metadata");
+    let vm = "vm-0b5a6e1c-8d2f-4a3b-9c7d-1e2f3a4b5c6d";
+    for (md, expect) in [
+        (json!({"name": "a\u{0}b"}), "U+0000"),
+        (json!({"name": "bell\u{7}"}), "U+0007"),
+        (json!({"n\u{1b}[31m": "x"}), "U+001B"),
+    ] {
+        let r = run_cpi_raw(
+            Some(&config),
+            &director_request("set_vm_metadata", json!([vm, md])),
+        );
+        let e = &r.response["error"];
+        assert_eq!(e["type"], "Bosh::Clouds::CpiError", "{md}: {}", r.response);
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.contains(expect) && message.contains("(metadata) key") && message.len() < 300,
+            "{md}: {message}"
+        );
+    }
+    let r = run_cpi_raw(
+        Some(&config),
+        &director_request(
+            "set_vm_metadata",
+            json!([vm, {"name": "web/0", "tab": "a\tb"}]),
+        ),
+    );
+    assert!(r.response["error"].is_null(), "{}", r.response);
 }
 
 // ---------------------------------------------------------------------------

@@ -15,6 +15,10 @@
 #       document: a string as is, anything else as JSON.
 #   median NUMBER...
 #       prints the median.
+#   xml_names_path_under DIR...
+#       reads libvirt XML (a domain's, a pool's) on stdin; succeeds when a
+#       file or directory it names (file=, dir=, path=, <path>) lies under
+#       one of the DIRs.
 
 cpi_request() {
   printf '{"method":"%s","arguments":%s,"context":{"director_uuid":"%s","request_id":"%s"},"api_version":2}' \
@@ -48,3 +52,17 @@ median() {
   python3 -c 'import statistics, sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"
 }
 
+xml_names_path_under() {
+  python3 -c '
+import os, sys, xml.etree.ElementTree as ET
+tops = [os.path.realpath(d) for d in sys.argv[1:]]
+try:
+    doc = ET.parse(sys.stdin).getroot()
+except ET.ParseError:  # no XML: the object is gone
+    sys.exit(1)
+paths = [v for e in doc.iter() for k, v in e.attrib.items() if k in ("file", "dir", "path")]
+paths += [e.text.strip() for e in doc.iter("path") if e.text]
+under = [p for p in paths for t in tops
+         if os.path.isabs(p) and os.path.commonpath([t, os.path.realpath(p)]) == t]
+sys.exit(0 if under else 1)' "$@"
+}

@@ -22,11 +22,11 @@ use virt::storage_vol::StorageVol;
 use super::holder;
 use super::snapshot;
 use super::Call;
-use crate::cid;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
-use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts, MIB};
+use crate::libvirt::volume::{DiskFormat, VolumeFacts, MIB};
 use crate::method::Object;
+use crate::names::{self, marker_name, tags_name};
 use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
@@ -40,10 +40,6 @@ const HOLDER_RECORD: &str = "holder_record";
 /// discard: `DiskOptions`, recorded with the disk for attach_disk).
 const KNOWN_CLOUD_PROPERTIES: &[&str] =
     &["format", "source_snapshot", "bus", "cache", "io", "discard"];
-
-fn tags_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.tags")
-}
 
 /// A disk volume as found in the pool.
 pub(super) struct Disk {
@@ -69,7 +65,7 @@ pub(super) fn find_disk(
     pool: &StoragePool,
     disk_cid: &str,
 ) -> Result<Option<Disk>> {
-    if !cid::is_disk_cid(disk_cid) {
+    if !names::is_disk_cid(disk_cid) {
         return Ok(None);
     }
     let lv = call.libvirt()?;
@@ -227,7 +223,7 @@ pub fn create_disk(
         ));
     }
 
-    let disk_cid = cid::new_disk_cid();
+    let disk_cid = names::new_disk_cid();
     let vol = match source_snapshot {
         None => call
             .libvirt()?
@@ -289,7 +285,7 @@ pub fn create_disk(
 }
 
 pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
-    if !cid::is_disk_cid(disk_cid) {
+    if !names::is_disk_cid(disk_cid) {
         return Ok(Value::Bool(false));
     }
     let cfg = call.config;
@@ -299,7 +295,7 @@ pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
 }
 
 pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
-    if !cid::is_disk_cid(disk_cid) {
+    if !names::is_disk_cid(disk_cid) {
         call.log
             .info(format!("{disk_cid} is not a disk CID: nothing to delete"));
         return Ok(Value::Null);
@@ -331,13 +327,13 @@ pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
     // previous attempt may have stopped half-way).
     let lv = call.libvirt()?;
     lv.delete_volume(&pool, &tags_name(disk_cid))?;
-    lv.delete_volume(&pool, &holder::holder_name(disk_cid))?;
+    lv.delete_volume(&pool, &names::holder_name(disk_cid))?;
     lv.delete_volume(&pool, &marker_name(disk_cid))?;
     Ok(Value::Null)
 }
 
 pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let cfg = call.config;
@@ -531,7 +527,7 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
             format!("{disk_cid} is not attached to {vm_cid}"),
         )
     };
-    if !cid::is_vm_cid(vm_cid) || !cid::is_disk_cid(disk_cid) {
+    if !names::is_vm_cid(vm_cid) || !names::is_disk_cid(disk_cid) {
         return Err(not_attached());
     }
     let cfg = call.config;
@@ -606,7 +602,7 @@ fn detach_locked(
 }
 
 pub fn get_disks(call: &mut Call, vm_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let lv = call.libvirt()?;
@@ -621,7 +617,7 @@ pub fn get_disks(call: &mut Call, vm_cid: &str) -> Result<Value> {
     let mut cids: Vec<String> = Vec::new();
     for d in disks.live.iter().chain(&disks.config) {
         if let Some(s) = &d.serial {
-            if cid::is_disk_cid(s) && !cids.contains(s) {
+            if names::is_disk_cid(s) && !cids.contains(s) {
                 cids.push(s.clone());
             }
         }

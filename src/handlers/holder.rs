@@ -24,6 +24,7 @@ use super::Call;
 use crate::creator::{Creator, Liveness};
 use crate::error::{CpiError, Result};
 use crate::libvirt::disk::{DiskRef, Holder};
+use crate::names::{holder_name, lock_name};
 
 /// How long a call waits for another call on the same disk to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
@@ -31,14 +32,6 @@ const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// a readable creator after this long was made by a call killed in between.
 const UNWRITTEN_LOCK_STALE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
-
-fn lock_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.lock")
-}
-
-pub(super) fn holder_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.holder")
-}
 
 /// Runs `f` holding the disk's lock; the lock is released whatever `f` returns.
 pub(super) fn with_lock<T>(

@@ -29,49 +29,13 @@ use virt::storage_vol::StorageVol;
 use super::disk::{checked_format, find_disk, holder_is_recorded, recorded_format};
 use super::holder;
 use super::Call;
-use crate::cid;
 use crate::error::{CpiError, Result};
-use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts};
+use crate::libvirt::volume::{DiskFormat, VolumeFacts};
 use crate::method::Object;
+use crate::names::{self, is_snapshot_cid, marker_name, new_snapshot_cid};
 
 /// A live copy that makes no progress for this long is abandoned.
 const LIVE_COPY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-const PREFIX: &str = "snap-";
-
-/// `snap-<disk cid>-<YYYYMMDDTHHMMSS>-<6 hex>`: sorts by disk, then by time.
-fn new_snapshot_cid(disk_cid: &str) -> String {
-    let stamp: String = crate::log::timestamp()
-        .chars()
-        .take_while(|c| *c != '.')
-        .filter(|c| *c != '-' && *c != ':')
-        .collect();
-    let hex = uuid::Uuid::new_v4().simple().to_string();
-    format!("{PREFIX}{disk_cid}-{stamp}-{}", &hex[..6])
-}
-
-pub fn is_snapshot_cid(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix(PREFIX) else {
-        return false;
-    };
-    let parts: Vec<&str> = rest.rsplitn(3, '-').collect();
-    let [hex, stamp, disk] = parts[..] else {
-        return false;
-    };
-    cid::is_disk_cid(disk)
-        && stamp.len() == 15
-        && stamp.bytes().enumerate().all(|(i, b)| {
-            if i == 8 {
-                b == b'T'
-            } else {
-                b.is_ascii_digit()
-            }
-        })
-        && hex.len() == 6
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
 
 pub(super) struct Snapshot {
     pub vol: StorageVol,
@@ -209,11 +173,11 @@ fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &st
             return Ok(Vec::new());
         };
         let mut removed = Vec::new();
-        let names = lv.volume_names_with_prefix(pool, &format!("{PREFIX}{disk_cid}-"))?;
-        for name in &names {
+        let found = lv.volume_names_with_prefix(pool, &names::snapshots_of(disk_cid))?;
+        for name in &found {
             if name == own
                 || !is_snapshot_cid(name)
-                || names.contains(&marker_name(name))
+                || found.contains(&marker_name(name))
                 || !lv.volume_untouched_for(pool, name, UNFINISHED_MAX_AGE_SECS, now)?
             {
                 continue;
@@ -260,32 +224,4 @@ pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {
         ));
     }
     Ok(Value::Null)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_cids_round_trip_and_reject_others() {
-        let disk = cid::new_disk_cid();
-        let s = new_snapshot_cid(&disk);
-        assert!(is_snapshot_cid(&s), "{s}");
-        assert!(s.starts_with(&format!("snap-{disk}-")));
-        assert_eq!(s.len(), 5 + 20 + 1 + 15 + 1 + 6);
-        for bad in [
-            "snap-",
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900",
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900-abcdeg",
-            "snap-disk-0f3a9c21b7e54d8-20260822X101900-abcdef",
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900-abcdef.meta",
-            "snap-../etc-20260822T101900-abcdef",
-            "disk-0f3a9c21b7e54d8",
-        ] {
-            assert!(!is_snapshot_cid(bad), "{bad}");
-        }
-        assert!(is_snapshot_cid(
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900-abcdef"
-        ));
-    }
 }

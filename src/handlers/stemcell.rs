@@ -21,15 +21,15 @@ use serde_json::{json, Value};
 use virt::storage_pool::StoragePool;
 
 use super::Call;
-use crate::cid::{is_stemcell_cid, is_vm_cid, new_stemcell_cid};
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::image::archive::{self, Container, Event};
 use crate::image::{self, DiskFormat, Qcow2Walk, RootImage, Segment, PREFIX_LEN};
 use crate::libvirt::stemcell::PARTIAL_MAX_AGE_SECS;
-use crate::libvirt::volume::{marker_name, MIB};
+use crate::libvirt::volume::MIB;
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
+use crate::names::{is_stemcell_cid, is_vm_cid, marker_name, new_stemcell_cid};
 
 /// Chunks of root.img in flight between the reader thread and the upload:
 /// memory stays at about CHUNK * (DEPTH + 3) whatever the image size.

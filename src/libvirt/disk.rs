@@ -15,10 +15,11 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::sys;
 
-use super::volume::{marker_name, DiskFormat, MIB};
+use super::volume::{DiskFormat, MIB};
 use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+use crate::names::{marker_name, SNAPSHOT_PREFIX};
 use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How often a domain's live XML is re-read while waiting for the guest.
@@ -565,7 +566,7 @@ impl Libvirt {
         let Some(vol_name) = path.and_then(|p| p.rsplit('/').next()) else {
             return Ok(None);
         };
-        if !vol_name.starts_with("snap-")
+        if !vol_name.starts_with(SNAPSHOT_PREFIX)
             || self.find_volume(pool, &marker_name(vol_name))?.is_some()
         {
             return Ok(None);

@@ -17,14 +17,17 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
 
+use super::disk_record::{
+    checked_format, find_disk, holder_is_recorded, recorded_format, recorded_options, Disk,
+    HOLDER_RECORD,
+};
 use super::holder;
 use super::snapshot;
 use super::Call;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
-use crate::libvirt::volume::{DiskFormat, VolumeFacts, MIB};
+use crate::libvirt::volume::{DiskFormat, MIB};
 use crate::method::Object;
 use crate::names::{self, marker_name, tags_name};
 use crate::vm_spec::{DiskBus, DiskOptions};
@@ -33,116 +36,10 @@ use crate::vm_spec::{DiskBus, DiskOptions};
 /// The director retries a failed detach, and the request stays pending meanwhile.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The key of a disk's `.meta` record saying its holder is recorded (see `holder`).
-const HOLDER_RECORD: &str = "holder_record";
-
 /// cloud_properties keys create_disk understands (bus, cache, io and
 /// discard: `DiskOptions`, recorded with the disk for attach_disk).
 const KNOWN_CLOUD_PROPERTIES: &[&str] =
     &["format", "source_snapshot", "bus", "cache", "io", "discard"];
-
-/// A disk volume as found in the pool.
-pub(super) struct Disk {
-    pub cid: String,
-    pub vol: StorageVol,
-    pub facts: VolumeFacts,
-}
-
-impl Disk {
-    pub fn dref<'a>(&'a self, pool_name: &'a str) -> DiskRef<'a> {
-        DiskRef {
-            cid: &self.cid,
-            path: Some(&self.facts.path),
-            pool: pool_name,
-        }
-    }
-}
-
-/// The disk volume of a CID; `None` for an absent disk or a string that is not
-/// a disk CID at all (so hostile input never names some other volume).
-pub(super) fn find_disk(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-) -> Result<Option<Disk>> {
-    if !names::is_disk_cid(disk_cid) {
-        return Ok(None);
-    }
-    let lv = call.libvirt()?;
-    let Some(vol) = lv.find_volume(pool, disk_cid)? else {
-        return Ok(None);
-    };
-    let facts = lv.volume_facts(&vol, disk_cid)?;
-    Ok(Some(Disk {
-        cid: disk_cid.to_string(),
-        vol,
-        facts,
-    }))
-}
-
-/// The format the disk was created with, from its `.meta` record. Without a
-/// record only a volume that libvirt probes as raw is usable (as raw): a
-/// qcow2 header in a disk without a record may have been written by a guest
-/// into a raw disk, and reading it as qcow2 could expose host files.
-pub(super) fn recorded_format(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk: &Disk,
-) -> Result<DiskFormat> {
-    let meta = marker_name(&disk.cid);
-    match call.libvirt()?.read_json_volume(pool, &meta)? {
-        Some(record) => record
-            .get("format")
-            .and_then(Value::as_str)
-            .and_then(DiskFormat::parse)
-            .ok_or_else(|| {
-                CpiError::cloud(format!(
-                    "{meta}: the disk's record has no valid \"format\" (qcow2 or raw): {record}"
-                ))
-            }),
-        None if disk.facts.format.as_deref() == Some("raw") => {
-            call.log.warn(format!(
-                "{}: no record {meta}; using the volume as raw, as libvirt probes it",
-                disk.cid
-            ));
-            Ok(DiskFormat::Raw)
-        }
-        None => Err(CpiError::cloud(format!(
-            "{}: the record {meta} of the disk's format is missing and libvirt probes the \
-             volume as {}; refusing to guess (a raw disk's first bytes are written by its guest). \
-             An operator who knows the format can recreate the record as a raw volume holding \
-             {{\"format\":\"qcow2\"}} or {{\"format\":\"raw\"}}",
-            disk.cid,
-            disk.facts.format.as_deref().unwrap_or("unknown")
-        ))),
-    }
-}
-
-/// The recorded format, checked against libvirt's own view before an
-/// operation where libvirt reads or rewrites the image itself (copy, resize):
-/// libvirt then trusts its probe, so the two must agree.
-pub(super) fn checked_format(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk: &Disk,
-) -> Result<DiskFormat> {
-    let format = recorded_format(call, pool, disk)?;
-    let probed = disk.facts.format.as_deref().unwrap_or("unknown");
-    if probed != format.as_str() || disk.facts.backing_path.is_some() {
-        return Err(CpiError::cloud(format!(
-            "{}: the disk was created as {} but libvirt now probes it as {probed}{}; refusing to \
-             let libvirt process it (a guest can write an image header into a raw disk)",
-            disk.cid,
-            format.as_str(),
-            disk.facts
-                .backing_path
-                .as_deref()
-                .map(|b| format!(" with backing store {b}"))
-                .unwrap_or_default()
-        )));
-    }
-    Ok(format)
-}
 
 fn attached_elsewhere(disk_cid: &str, holder: &Holder, doing: &str) -> CpiError {
     CpiError::cloud(format!(
@@ -455,38 +352,6 @@ fn hint_path(options: &DiskOptions, target: &str, disk_cid: &str) -> String {
         DiskBus::Virtio => format!("/dev/{target}"),
         DiskBus::Scsi => crate::settings::scsi_by_id(disk_cid),
     }
-}
-
-/// The bus and cache/io/discard options create_disk recorded with the disk
-/// (an older CPI's record has none: the defaults), and whether its holder is
-/// recorded (see `holder`).
-fn recorded_options(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-) -> Result<(DiskOptions, bool)> {
-    let meta = marker_name(disk_cid);
-    let record = call.libvirt()?.read_json_volume(pool, &meta)?;
-    match record {
-        Some(r) => DiskOptions::from_record(&r)
-            .map(|o| (o, tracks_holder(&r)))
-            .map_err(|e| CpiError::cloud(format!("{meta}: {e}"))),
-        None => Ok((DiskOptions::default(), false)),
-    }
-}
-
-/// Whether the disk's holder is recorded, for calls that must not fail on an
-/// unreadable `.meta` record (they then read every domain instead).
-pub(super) fn holder_is_recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> bool {
-    call.libvirt()
-        .and_then(|lv| lv.read_json_volume(pool, &marker_name(disk_cid)))
-        .ok()
-        .flatten()
-        .is_some_and(|r| tracks_holder(&r))
-}
-
-fn tracks_holder(record: &Value) -> bool {
-    record.get(HOLDER_RECORD) == Some(&Value::Bool(true))
 }
 
 /// Backs out an attach that lost a race (see attach_disk).

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::disk::{checked_format, find_disk, holder_is_recorded, recorded_format};
+use super::disk_record::{checked_format, find_disk, holder_is_recorded, recorded_format};
 use super::holder;
 use super::Call;
 use crate::error::{CpiError, Result};

@@ -17,6 +17,7 @@ pub mod log;
 pub mod method;
 pub mod names;
 pub mod net;
+pub mod records;
 pub mod settings;
 pub mod uri;
 pub mod vm_spec;

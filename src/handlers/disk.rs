@@ -20,7 +20,6 @@ use virt::storage_pool::StoragePool;
 
 use super::disk_record::{
     checked_format, find_disk, holder_is_recorded, recorded_format, recorded_options, Disk,
-    HOLDER_RECORD,
 };
 use super::holder;
 use super::snapshot;
@@ -30,6 +29,7 @@ use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
 use crate::libvirt::volume::{DiskFormat, MIB};
 use crate::method::Object;
 use crate::names::{self, marker_name, tags_name};
+use crate::records::{DiskRecord, TagsRecord};
 use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
@@ -155,18 +155,7 @@ pub fn create_disk(
         }
     };
     drop(vol);
-    let mut record = json!({
-        "format": format.as_str(),
-        "size_mib": size_mib,
-        "created_at": crate::log::timestamp(),
-        HOLDER_RECORD: true,
-    });
-    if let Some(s) = source_snapshot {
-        record["source_snapshot"] = json!(s);
-    }
-    if let (Value::Object(r), Value::Object(o)) = (&mut record, options.to_record()) {
-        r.extend(o);
-    }
+    let record = DiskRecord::new(format.as_str(), size_mib, source_snapshot, &options);
     let lv = call.libvirt()?;
     lv.mark_complete(&pool, &disk_cid, &record)
         .map_err(|e| e.context(format!("recording disk {disk_cid}")))?;
@@ -563,7 +552,10 @@ pub fn set_disk_metadata(call: &mut Call, disk_cid: &str, metadata: &Object) -> 
     if find_disk(call, &pool, disk_cid)?.is_none() {
         return Err(CpiError::disk_not_found(disk_cid));
     }
-    let doc = json!({"metadata": metadata, "updated_at": crate::log::timestamp()});
+    let doc = TagsRecord {
+        metadata: metadata.clone(),
+        updated_at: crate::log::timestamp(),
+    };
     call.libvirt()?
         .write_json_volume(&pool, &tags_name(disk_cid), &doc)
         .map_err(|e| e.context(format!("storing metadata of disk {disk_cid}")))?;

@@ -4,7 +4,6 @@
 //! Shared by `disk` and `snapshot`: `disk` uses `snapshot` (create_disk from a
 //! snapshot), `snapshot` uses only this, so the two do not import each other.
 
-use serde_json::Value;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
@@ -13,10 +12,8 @@ use crate::error::{CpiError, Result};
 use crate::libvirt::disk::DiskRef;
 use crate::libvirt::volume::{DiskFormat, VolumeFacts};
 use crate::names::{self, marker_name};
+use crate::records::DiskRecord;
 use crate::vm_spec::DiskOptions;
-
-/// The key of a disk's `.meta` record saying its holder is recorded (see `holder`).
-pub(super) const HOLDER_RECORD: &str = "holder_record";
 
 /// A disk volume as found in the pool.
 pub(super) struct Disk {
@@ -67,14 +64,18 @@ pub(super) fn recorded_format(
     disk: &Disk,
 ) -> Result<DiskFormat> {
     let meta = marker_name(&disk.cid);
-    match call.libvirt()?.read_json_volume(pool, &meta)? {
+    match call
+        .libvirt()?
+        .read_json_volume::<DiskRecord>(pool, &meta)?
+    {
         Some(record) => record
-            .get("format")
-            .and_then(Value::as_str)
+            .format
+            .as_deref()
             .and_then(DiskFormat::parse)
             .ok_or_else(|| {
                 CpiError::cloud(format!(
-                    "{meta}: the disk's record has no valid \"format\" (qcow2 or raw): {record}"
+                    "{meta}: the disk's record has no valid \"format\" (qcow2 or raw): {}",
+                    serde_json::to_string(&record).unwrap_or_default()
                 ))
             }),
         None if disk.facts.format.as_deref() == Some("raw") => {
@@ -130,10 +131,13 @@ pub(super) fn recorded_options(
     disk_cid: &str,
 ) -> Result<(DiskOptions, bool)> {
     let meta = marker_name(disk_cid);
-    let record = call.libvirt()?.read_json_volume(pool, &meta)?;
+    let record = call
+        .libvirt()?
+        .read_json_volume::<DiskRecord>(pool, &meta)?;
     match record {
-        Some(r) => DiskOptions::from_record(&r)
-            .map(|o| (o, tracks_holder(&r)))
+        Some(r) => r
+            .options()
+            .map(|o| (o, r.holder_record))
             .map_err(|e| CpiError::cloud(format!("{meta}: {e}"))),
         None => Ok((DiskOptions::default(), false)),
     }
@@ -143,12 +147,8 @@ pub(super) fn recorded_options(
 /// unreadable `.meta` record (they then read every domain instead).
 pub(super) fn holder_is_recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> bool {
     call.libvirt()
-        .and_then(|lv| lv.read_json_volume(pool, &marker_name(disk_cid)))
+        .and_then(|lv| lv.read_json_volume::<DiskRecord>(pool, &marker_name(disk_cid)))
         .ok()
         .flatten()
-        .is_some_and(|r| tracks_holder(&r))
-}
-
-fn tracks_holder(record: &Value) -> bool {
-    record.get(HOLDER_RECORD) == Some(&Value::Bool(true))
+        .is_some_and(|r| r.holder_record)
 }

@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
@@ -33,6 +33,7 @@ use crate::error::{CpiError, Result};
 use crate::libvirt::volume::{DiskFormat, VolumeFacts};
 use crate::method::Object;
 use crate::names::{self, is_snapshot_cid, marker_name, new_snapshot_cid};
+use crate::records::SnapshotRecord;
 
 /// A live copy that makes no progress for this long is abandoned.
 const LIVE_COPY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -137,14 +138,14 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
 
     sweep_unfinished_snapshots(call, &pool, disk_cid, &snapshot_cid);
 
-    let record = json!({
-        "disk_cid": disk_cid,
-        "disk_format": disk_format.as_str(),
-        "capacity_bytes": capacity,
-        "created_at": crate::log::timestamp(),
-        "consistency": consistency,
-        "metadata": metadata,
-    });
+    let record = SnapshotRecord {
+        capacity_bytes: capacity,
+        consistency: consistency.clone(),
+        created_at: crate::log::timestamp(),
+        disk_cid: disk_cid.to_string(),
+        disk_format: disk_format.as_str().to_string(),
+        metadata: metadata.clone(),
+    };
     let lv = call.libvirt()?;
     lv.mark_complete(&pool, &snapshot_cid, &record)
         .map_err(|e| e.context(format!("recording snapshot {snapshot_cid}")))?;

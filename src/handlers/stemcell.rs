@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use virt::storage_pool::StoragePool;
 
 use super::Call;
@@ -30,6 +30,7 @@ use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
 use crate::names::{is_stemcell_cid, is_vm_cid, marker_name, new_stemcell_cid};
+use crate::records::StemcellRecord;
 
 /// Chunks of root.img in flight between the reader thread and the upload:
 /// memory stays at about CHUNK * (DEPTH + 3) whatever the image size.
@@ -98,7 +99,10 @@ pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
             if !users.is_empty() {
                 return Err(in_use(users));
             }
-            lv.read_json_volume(&pool, &marker_name(cid)).ok().flatten()
+            // Kept as it is (any fields), to be put back unchanged.
+            lv.read_json_volume::<Value>(&pool, &marker_name(cid))
+                .ok()
+                .flatten()
         }
         None => None,
     };
@@ -459,14 +463,14 @@ impl Import<'_> {
     }
 
     fn write_marker(&self, root: &RootImage, container: Container) -> Result<()> {
-        let meta = json!({
-            "stemcell_cid": self.cid,
-            "format": root.format.as_str(),
-            "virtual_size": root.virtual_size,
-            "image_size": root.image_size,
-            "container": container.describe(),
-            "cloud_properties": self.cloud_properties,
-        });
+        let meta = StemcellRecord {
+            cloud_properties: self.cloud_properties.clone(),
+            container: Some(container.describe().to_string()),
+            format: Some(root.format.as_str().to_string()),
+            image_size: Some(root.image_size),
+            stemcell_cid: Some(self.cid.to_string()),
+            virtual_size: Some(root.virtual_size),
+        };
         let bytes = serde_json::to_vec(&meta)
             .map_err(|e| CpiError::cloud(format!("encoding the stemcell marker: {e}")))?;
         self.lv
@@ -501,6 +505,7 @@ impl Import<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn overlay_users_are_named_by_vm() {

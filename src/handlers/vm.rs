@@ -49,6 +49,7 @@ use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
 use crate::names::{self, marker_name};
+use crate::records::StemcellRecord;
 use crate::settings::{self, SettingsInput};
 use crate::vm_spec::{self, Graphics, NetKind, NetworkRequest, NicSource, VmProperties};
 
@@ -294,18 +295,19 @@ fn find_stemcell(lv: &Libvirt, pool: &StoragePool, cid: &str) -> Result<Stemcell
     let not_found = || creation_failed(format!("stemcell '{cid}' not found"));
     let vol = lv.find_stemcell(pool, cid)?.ok_or_else(not_found)?;
     let marker = lv
-        .read_json_volume(pool, &marker_name(cid))?
+        .read_json_volume::<StemcellRecord>(pool, &marker_name(cid))?
         .ok_or_else(not_found)?;
     let format = marker
-        .get("format")
-        .and_then(Value::as_str)
+        .format
+        .as_deref()
         .and_then(DiskFormat::parse)
         .ok_or_else(|| {
             creation_failed(format!(
-                "stemcell '{cid}': its marker records no usable format ({marker})"
+                "stemcell '{cid}': its marker records no usable format ({})",
+                serde_json::to_string(&marker).unwrap_or_default()
             ))
         })?;
-    let virtual_size = match marker.get("virtual_size").and_then(Value::as_u64) {
+    let virtual_size = match marker.virtual_size {
         Some(size) => size,
         None => lv.volume_facts(&vol, cid)?.capacity,
     };

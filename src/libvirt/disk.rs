@@ -10,7 +10,8 @@
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::sys;
@@ -262,7 +263,12 @@ impl Libvirt {
     /// creating the volume when missing. The JSON is padded with spaces to the
     /// volume's whole size and written in one upload, so a reader sees either
     /// the old or the new document, never a mix of the two lengths.
-    pub fn write_json_volume(&self, pool: &StoragePool, name: &str, value: &Value) -> Result<()> {
+    pub fn write_json_volume<T: Serialize>(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        value: &T,
+    ) -> Result<()> {
         let mut bytes = serde_json::to_vec(value)
             .map_err(|e| CpiError::cloud(format!("serializing {name}: {e}")))?;
         bytes.push(b'\n');
@@ -297,7 +303,12 @@ impl Libvirt {
 
     /// Writes `record` as the marker of `volume`. Without its marker the
     /// volume is not usable, so a failure deletes both.
-    pub fn mark_complete(&self, pool: &StoragePool, volume: &str, record: &Value) -> Result<()> {
+    pub fn mark_complete<T: Serialize>(
+        &self,
+        pool: &StoragePool,
+        volume: &str,
+        record: &T,
+    ) -> Result<()> {
         let marker = marker_name(volume);
         if let Err(e) = self.write_json_volume(pool, &marker, record) {
             let _ = self.delete_volume(pool, &marker);
@@ -307,8 +318,13 @@ impl Libvirt {
         Ok(())
     }
 
-    /// The JSON document in a sidecar volume; `None` when the volume is absent.
-    pub fn read_json_volume(&self, pool: &StoragePool, name: &str) -> Result<Option<Value>> {
+    /// The JSON document in a sidecar volume, as a `T` (a `crate::records`
+    /// record, or a plain `Value`); `None` when the volume is absent.
+    pub fn read_json_volume<T: DeserializeOwned>(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+    ) -> Result<Option<T>> {
         let Some(vol) = self.find_volume(pool, name)? else {
             return Ok(None);
         };
@@ -321,9 +337,11 @@ impl Libvirt {
         let bytes = self.read_volume(&vol, name, capacity)?;
         let text = String::from_utf8_lossy(&bytes);
         let text = text.trim_end_matches(|c: char| c.is_whitespace() || c == '\0');
-        serde_json::from_str(text)
-            .map(Some)
-            .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
+        serde_json::from_str(text).map(Some).map_err(|e| {
+            CpiError::cloud(format!(
+                "volume {name} does not hold the JSON record expected: {e}"
+            ))
+        })
     }
 
     /// The disks of a domain; `None` when the domain vanished meanwhile.

@@ -4,9 +4,10 @@
 //! import the test stemcell through the CPI and read guests' serial consoles.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -469,5 +470,196 @@ pub fn wait_console(
             lines.join("\n")
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+// ---- the shared NAT network, seeded faults, a private libvirtd ----
+
+pub fn net_name(tb: &Testbed) -> String {
+    tb.config_json()["network"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// (mac, name, ip) of every DHCP host entry of a libvirt network.
+pub fn dhcp_hosts(tb: &Testbed, network: &str) -> Vec<(String, String, String)> {
+    let xml = tb.virsh_ok(&["net-dumpxml", network]);
+    xml.lines()
+        .filter(|l| l.trim_start().starts_with("<host "))
+        .map(|l| {
+            let attr = |k: &str| {
+                l.split(&format!("{k}='"))
+                    .nth(1)
+                    .and_then(|r| r.split('\'').next())
+                    .unwrap_or("")
+                    .to_lowercase()
+            };
+            (attr("mac"), attr("name"), attr("ip"))
+        })
+        .collect()
+}
+
+/// A manual IP in 10.253.77.[lo, hi) not reserved right now.
+pub fn free_ip(tb: &Testbed, lo: u8, hi: u8, avoid: &HashSet<String>) -> String {
+    let taken: HashSet<String> = dhcp_hosts(tb, &net_name(tb))
+        .into_iter()
+        .map(|h| h.2)
+        .collect();
+    loop {
+        let n = lo + (uuid::Uuid::new_v4().as_bytes()[0] % (hi - lo));
+        let ip = format!("10.253.77.{n}");
+        if !taken.contains(&ip) && !avoid.contains(&ip) {
+            return ip;
+        }
+    }
+}
+
+pub fn manual(ip: &str) -> Value {
+    json!({"type": "manual", "ip": ip, "netmask": "255.255.255.0", "gateway": "10.253.77.1",
+           "dns": ["10.253.77.1"], "default": ["dns", "gateway"], "cloud_properties": {}})
+}
+
+/// A seeded generator for fault tests: the seed comes from FAULT_SEED (a
+/// fixed default otherwise) and is printed, so a failing run can be replayed.
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn from_env() -> Lcg {
+        let seed = std::env::var("FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_c0de);
+        eprintln!("FAULT_SEED={seed}");
+        Lcg(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// A libvirtd of the test's own for storage-only work: a copy of the binary
+/// under another name (so `ci/testbed` never takes it for a system libvirtd),
+/// in a private mount namespace whose /run/libvirt, /var/lib/libvirt,
+/// /etc/libvirt and /var/cache/libvirt are its own directories, answering on
+/// a unix socket the CPI reaches from outside. No domain runs on it. Killed
+/// on drop.
+pub struct PrivateLibvirtd {
+    pub dir: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl PrivateLibvirtd {
+    pub fn start(tag: &str) -> PrivateLibvirtd {
+        testbed(); // packages installed, as for every test
+        let dir = scratch_dir(&format!("libvirtd-{tag}"));
+        for d in ["sock", "run", "lib", "etc", "cache", "pool"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::copy("/usr/sbin/libvirtd", dir.join("lvd-fault")).unwrap();
+        std::fs::write(
+            dir.join("libvirtd.conf"),
+            format!(
+                "unix_sock_dir = \"{d}/sock\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+                 log_outputs = \"3:file:{d}/libvirtd.log\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let mut me = PrivateLibvirtd { dir, daemon: None };
+        me.run();
+        me
+    }
+
+    /// (Re)starts the daemon on the same directories and waits for it.
+    pub fn run(&mut self) {
+        let d = self.dir.display();
+        let script = format!(
+            "mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
+             mount --bind {d}/etc /etc/libvirt && mount --bind {d}/cache /var/cache/libvirt && \
+             exec {d}/lvd-fault -f {d}/libvirtd.conf -p {d}/pid"
+        );
+        let _ = std::fs::remove_file(self.dir.join("sock/libvirt-sock"));
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("virsh")
+                .args(["-c", &self.uri(), "version"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the private libvirtd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu+unix:///system?socket={}/sock/libvirt-sock",
+            self.dir.display()
+        )
+    }
+
+    pub fn pid(&self) -> String {
+        self.daemon.as_ref().unwrap().id().to_string()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+        let _ = self.daemon.take().unwrap().wait();
+    }
+
+    /// A CPI config for this libvirtd, with a pool of its own.
+    pub fn config(&self) -> PathBuf {
+        testbed().config_with(
+            "private-libvirtd",
+            json!({"libvirt": {"uri": self.uri()},
+                   "pool": {"name": "fault", "path": self.dir.join("pool"), "create": true}}),
+        )
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        vol_list_names(
+            &Command::new("virsh")
+                .args(["-c", &self.uri(), "vol-list", "fault"])
+                .output()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for PrivateLibvirtd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

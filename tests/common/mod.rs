@@ -525,6 +525,10 @@ pub fn manual(ip: &str) -> Value {
 pub struct Lcg(u64);
 
 impl Lcg {
+    pub fn new(seed: u64) -> Lcg {
+        Lcg(seed)
+    }
+
     pub fn from_env() -> Lcg {
         let seed = std::env::var("FAULT_SEED")
             .ok()
@@ -547,8 +551,8 @@ impl Lcg {
 /// under another name (so `ci/testbed` never takes it for a system libvirtd),
 /// in a private mount namespace whose /run/libvirt, /var/lib/libvirt,
 /// /etc/libvirt and /var/cache/libvirt are its own directories, answering on
-/// a unix socket the CPI reaches from outside. No domain runs on it. Killed
-/// on drop.
+/// a unix socket the CPI reaches from outside. Killed
+/// on drop. It can run domains without networks (QEMU, no virtlogd).
 pub struct PrivateLibvirtd {
     pub dir: PathBuf,
     daemon: Option<Child>,
@@ -571,6 +575,9 @@ impl PrivateLibvirtd {
             ),
         )
         .unwrap();
+        // QEMU writes its console file itself: the test bed's virtlogd socket
+        // is not in this namespace.
+        std::fs::write(dir.join("etc/qemu.conf"), "stdio_handler = \"file\"\n").unwrap();
         let mut me = PrivateLibvirtd { dir, daemon: None };
         me.run();
         me
@@ -654,6 +661,20 @@ impl PrivateLibvirtd {
 
 impl Drop for PrivateLibvirtd {
     fn drop(&mut self) {
+        // Its QEMU processes would outlive it.
+        if self.daemon.is_some() {
+            let virsh = |args: &[&str]| {
+                Command::new("timeout")
+                    .args(["30", "virsh", "-c", &self.uri()])
+                    .args(args)
+                    .output()
+            };
+            if let Ok(out) = virsh(&["list", "--name"]) {
+                for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = virsh(&["destroy", name]);
+                }
+            }
+        }
         if let Some(mut c) = self.daemon.take() {
             let _ = Command::new("kill")
                 .args(["-CONT", &c.id().to_string()])

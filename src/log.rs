@@ -86,6 +86,16 @@ impl Logger {
         self.emit(LogLevel::Error, &message.to_string());
     }
 
+    /// A warning the operator must see: on stderr and in the response's
+    /// `log` (which the director keeps in the task's debug log).
+    pub fn warning(&mut self, message: impl fmt::Display) {
+        let message = message.to_string();
+        self.emit(LogLevel::Warn, &message);
+        self.summary.push_str("WARNING: ");
+        self.summary.push_str(&message);
+        self.summary.push('\n');
+    }
+
     /// Info lines also go into the response's `log` summary.
     pub fn summary(&mut self, message: impl fmt::Display) {
         let message = message.to_string();

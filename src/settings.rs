@@ -10,11 +10,43 @@
 use serde_json::{json, Map, Value};
 
 use crate::config::AgentConfig;
+use crate::libvirt::domain::EPHEMERAL_SERIAL;
+use crate::vm_spec::DiskBus;
 
 /// Device the root disk has in the guest (virtio-blk, first).
 pub const SYSTEM_DISK: &str = "/dev/vda";
 /// Device the ephemeral disk has in the guest (virtio-blk, second).
 pub const EPHEMERAL_DISK: &str = "/dev/vdb";
+
+/// udev's name for a disk of a virtio-scsi controller with a `<serial>`:
+/// QEMU's scsi-hd reports vendor QEMU, model "QEMU HARDDISK" and the serial
+/// in its unit serial page, which udev's scsi_id turns into
+/// `scsi-0QEMU_QEMU_HARDDISK_<serial>`.
+pub fn scsi_by_id(serial: &str) -> String {
+    format!("/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{serial}")
+}
+
+/// The ephemeral disk's path hint. The agent finds an ephemeral disk by its
+/// path only (it has no ID), and its mapped resolver tries a `/dev/sdX`
+/// hint as `/dev/xvdX` and `/dev/vdX` first (bosh-agent
+/// infrastructure/devicepathresolver/mapped_device_path_resolver.go), which
+/// on a VM with virtio persistent disks can be another disk: so on SCSI the
+/// hint is the stable by-id link, which that resolver follows.
+pub fn ephemeral_path(bus: DiskBus) -> String {
+    match bus {
+        DiskBus::Virtio => EPHEMERAL_DISK.to_string(),
+        DiskBus::Scsi => scsi_by_id(EPHEMERAL_SERIAL),
+    }
+}
+
+/// The root disk: the first disk of its bus (the config drive is a SATA
+/// CD-ROM, /dev/sr0, so it takes no `sd` name).
+pub fn system_disk(bus: DiskBus) -> &'static str {
+    match bus {
+        DiskBus::Virtio => SYSTEM_DISK,
+        DiskBus::Scsi => "/dev/sda",
+    }
+}
 
 pub struct SettingsInput<'a> {
     pub agent_id: &'a str,
@@ -23,15 +55,20 @@ pub struct SettingsInput<'a> {
     /// The create_vm networks, each NIC-backed one already carrying its `mac`.
     pub networks: &'a Map<String, Value>,
     pub has_ephemeral_disk: bool,
+    /// The bus of the root and ephemeral disks.
+    pub disk_bus: DiskBus,
     /// The create_vm `env`, passed through untouched (null becomes `{}`).
     pub env: &'a Value,
 }
 
 pub fn agent_settings(input: &SettingsInput) -> Value {
     let mut disks = Map::new();
-    disks.insert("system".into(), json!(SYSTEM_DISK));
+    disks.insert("system".into(), json!(system_disk(input.disk_bus)));
     if input.has_ephemeral_disk {
-        disks.insert("ephemeral".into(), json!({ "path": EPHEMERAL_DISK }));
+        disks.insert(
+            "ephemeral".into(),
+            json!({ "path": ephemeral_path(input.disk_bus) }),
+        );
     }
     disks.insert("persistent".into(), json!({}));
 
@@ -85,6 +122,7 @@ mod tests {
             agent: &a,
             networks: networks.as_object().unwrap(),
             has_ephemeral_disk: true,
+            disk_bus: DiskBus::Virtio,
             env: &env,
         });
         assert_eq!(s["agent_id"], "agent-1");
@@ -112,9 +150,15 @@ mod tests {
             agent: &a,
             networks: &Map::new(),
             has_ephemeral_disk: false,
+            disk_bus: DiskBus::Scsi,
             env: &Value::Null,
         });
         assert!(s["disks"].get("ephemeral").is_none());
+        assert_eq!(s["disks"]["system"], "/dev/sda");
+        assert_eq!(
+            ephemeral_path(DiskBus::Scsi),
+            "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_bosh-ephemeral"
+        );
         assert!(s.get("blobstore").is_none());
         assert_eq!(s["env"], json!({}));
         assert_eq!(meta_data("vm-2")["instance-id"], "vm-2");

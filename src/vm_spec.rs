@@ -1,17 +1,188 @@
 //! What `create_vm` is asked for, validated before anything is created: the
 //! VM's cloud_properties (this CPI's schema) and the BOSH networks. Pure
-//! logic; the handler turns errors into `VMCreationFailed`.
+//! logic; the handler turns errors into `VMCreationFailed`. Every error names
+//! the property and the values it accepts.
 //!
-//! cloud_properties accepted (sizes in MiB):
+//! cloud_properties accepted (sizes in MiB; docs/operator-guide.md has the table):
 //! `cpu`; `memory` (or `ram`); `ephemeral_disk` (integer, or `{"size": N}`;
 //! 0 or absent: no ephemeral disk); `root_disk_size` (or `root_disk:
 //! {"size": N}`; default: the stemcell's size); `domain_type` (`kvm`/`qemu`)
-//! and `machine` override the config. Other keys are ignored (and logged).
+//! and `machine` override the config; `cpu_mode` (`host-passthrough`,
+//! `host-model`, `custom` with `cpu_model`), `cpu_topology` (`{sockets,
+//! cores, threads}`, multiplying to `cpu`), `memory_balloon` (bool);
+//! `disk_bus`, `disk_cache`, `disk_io`, `disk_discard` for the root and
+//! ephemeral disks (the same options as a disk_type's `bus`, `cache`, `io`,
+//! `discard`); `firmware` (`bios`/`uefi`); `graphics` (`none`/`vnc`/`spice`).
+//! Other keys are named in a warning (cloud-configs are shared by CPIs).
 
 use serde_json::{json, Map, Value};
 
 pub const DEFAULT_CPU: u64 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 1024;
+
+/// How the guest CPU is modelled (libvirt `<cpu mode=...>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuMode {
+    /// No `mode`: the hypervisor's default model.
+    Default,
+    HostPassthrough,
+    HostModel,
+    /// A named model, e.g. `Skylake-Server` or `qemu64`.
+    Custom(String),
+}
+
+impl CpuMode {
+    /// Modes that need the host CPU exposed through KVM: under TCG
+    /// (`type='qemu'`) there is no host CPU to pass through.
+    pub fn kvm_only(&self) -> bool {
+        matches!(self, CpuMode::HostPassthrough | CpuMode::HostModel)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTopology {
+    pub sockets: u64,
+    pub cores: u64,
+    pub threads: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    /// A disk on a virtio-scsi controller.
+    Scsi,
+}
+
+impl DiskBus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Scsi => "scsi",
+        }
+    }
+}
+
+/// How a disk is presented and cached: the root and ephemeral disks of a
+/// vm_type, or a persistent disk of a disk_type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskOptions {
+    pub bus: DiskBus,
+    /// libvirt `cache=`; None: the hypervisor's default.
+    pub cache: Option<String>,
+    /// libvirt `io=`; None: the hypervisor's default.
+    pub io: Option<String>,
+    /// `unmap` (the default: trims reach the thin image) or `ignore`.
+    pub discard: String,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            bus: DiskBus::Virtio,
+            cache: None,
+            io: None,
+            discard: "unmap".into(),
+        }
+    }
+}
+
+pub const CACHE_MODES: &[&str] = &[
+    "none",
+    "writethrough",
+    "writeback",
+    "directsync",
+    "unsafe",
+    "default",
+];
+pub const IO_MODES: &[&str] = &["native", "threads", "io_uring"];
+pub const DISCARD_MODES: &[&str] = &["unmap", "ignore"];
+pub const BUSES: &[&str] = &["virtio", "scsi"];
+
+impl DiskOptions {
+    /// Reads `<prefix>bus`, `<prefix>cache`, `<prefix>io`, `<prefix>discard`.
+    pub fn parse(cp: &Map<String, Value>, prefix: &str) -> Result<DiskOptions, String> {
+        let key = |k: &str| format!("{prefix}{k}");
+        let bus = match one_of(cp, &key("bus"), BUSES)?.as_deref() {
+            Some("scsi") => DiskBus::Scsi,
+            _ => DiskBus::Virtio,
+        };
+        let cache = one_of(cp, &key("cache"), CACHE_MODES)?;
+        let io = one_of(cp, &key("io"), IO_MODES)?;
+        // QEMU refuses native AIO on a page-cached file.
+        if io.as_deref() == Some("native")
+            && !matches!(cache.as_deref(), Some("none") | Some("directsync"))
+        {
+            return Err(format!(
+                "cloud_properties.{} \"native\" needs cloud_properties.{} \"none\" or \"directsync\" (native AIO bypasses the host's page cache)",
+                key("io"),
+                key("cache")
+            ));
+        }
+        let discard = one_of(cp, &key("discard"), DISCARD_MODES)?.unwrap_or_else(|| "unmap".into());
+        Ok(DiskOptions {
+            bus,
+            cache,
+            io,
+            discard,
+        })
+    }
+
+    /// The `<driver>` attributes beyond name and type.
+    pub fn driver_attrs(&self) -> String {
+        let mut a = String::new();
+        if let Some(c) = &self.cache {
+            a.push_str(&format!(" cache='{c}'"));
+        }
+        if let Some(io) = &self.io {
+            a.push_str(&format!(" io='{io}'"));
+        }
+        a.push_str(&format!(" discard='{}'", self.discard));
+        a
+    }
+
+    /// As recorded in a persistent disk's record (so attach_disk applies it).
+    pub fn to_record(&self) -> Value {
+        json!({"bus": self.bus.as_str(), "cache": self.cache, "io": self.io, "discard": self.discard})
+    }
+
+    /// From a disk's record; a record of an older CPI (no options) gives the defaults.
+    pub fn from_record(record: &Value) -> Result<DiskOptions, String> {
+        let mut cp = Map::new();
+        for k in ["bus", "cache", "io", "discard"] {
+            if let Some(v) = record.get(k).filter(|v| !v.is_null()) {
+                cp.insert(k.to_string(), v.clone());
+            }
+        }
+        DiskOptions::parse(&cp, "")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Firmware {
+    #[default]
+    Bios,
+    /// OVMF, chosen by libvirt's firmware auto-selection.
+    Uefi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Graphics {
+    #[default]
+    None,
+    Vnc,
+    Spice,
+}
+
+impl Graphics {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Graphics::None => "none",
+            Graphics::Vnc => "vnc",
+            Graphics::Spice => "spice",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmProperties {
@@ -22,7 +193,14 @@ pub struct VmProperties {
     pub root_disk_mib: Option<u64>,
     pub domain_type: Option<String>,
     pub machine: Option<String>,
-    /// Keys present but not understood, for the log.
+    pub cpu_mode: CpuMode,
+    pub cpu_topology: Option<CpuTopology>,
+    pub memory_balloon: bool,
+    /// The root and ephemeral disks.
+    pub disk: DiskOptions,
+    pub firmware: Firmware,
+    pub graphics: Graphics,
+    /// Keys present but not understood, for the warning.
     pub ignored: Vec<String>,
 }
 
@@ -35,6 +213,16 @@ const KNOWN_KEYS: &[&str] = &[
     "root_disk",
     "domain_type",
     "machine",
+    "cpu_mode",
+    "cpu_model",
+    "cpu_topology",
+    "memory_balloon",
+    "disk_bus",
+    "disk_cache",
+    "disk_io",
+    "disk_discard",
+    "firmware",
+    "graphics",
 ];
 
 fn integer(value: &Value, what: &str, min: u64) -> Result<u64, String> {
@@ -57,6 +245,115 @@ fn size_of(value: &Value, what: &str, min: u64) -> Result<u64, String> {
         },
         other => integer(other, what, min),
     }
+}
+
+/// The value of `key` when it is one of `allowed` (None when absent or null).
+pub fn one_of(
+    cp: &Map<String, Value>,
+    key: &str,
+    allowed: &[&str],
+) -> Result<Option<String>, String> {
+    match cp.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(Some(s.clone())),
+        Some(other) => Err(format!(
+            "cloud_properties.{key} must be one of {}; got {other}",
+            allowed.join(", ")
+        )),
+    }
+}
+
+fn boolean(cp: &Map<String, Value>, key: &str) -> Result<Option<bool>, String> {
+    match cp.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(format!(
+            "cloud_properties.{key} must be true or false, got {other}"
+        )),
+    }
+}
+
+/// A name that goes into XML and names a host object: letters, digits, `._-`.
+fn plain_name(value: &Value, key: &str, max: usize) -> Result<String, String> {
+    match value {
+        Value::String(s)
+            if !s.is_empty()
+                && s.len() <= max
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+        {
+            Ok(s.clone())
+        }
+        other => Err(format!(
+            "{key} must be a name of at most {max} letters, digits, '.', '_' or '-', got {other}"
+        )),
+    }
+}
+
+fn cpu_mode(cp: &Map<String, Value>) -> Result<CpuMode, String> {
+    let model = match cp.get("cpu_model") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(plain_name(v, "cloud_properties.cpu_model", 64)?),
+    };
+    let mode = one_of(
+        cp,
+        "cpu_mode",
+        &["host-passthrough", "host-model", "custom", "default"],
+    )?;
+    match (mode.as_deref(), model) {
+        (Some("custom") | None, Some(m)) => Ok(CpuMode::Custom(m)),
+        (Some("custom"), None) => {
+            Err("cloud_properties.cpu_mode \"custom\" needs cloud_properties.cpu_model (e.g. \"qemu64\", \"Skylake-Server\")".into())
+        }
+        (Some(other), Some(_)) => Err(format!(
+            "cloud_properties.cpu_model is only used with cpu_mode \"custom\", not \"{other}\""
+        )),
+        (Some("host-passthrough"), None) => Ok(CpuMode::HostPassthrough),
+        (Some("host-model"), None) => Ok(CpuMode::HostModel),
+        _ => Ok(CpuMode::Default),
+    }
+}
+
+fn cpu_topology(cp: &Map<String, Value>, cpu: u64) -> Result<Option<CpuTopology>, String> {
+    let t = match cp.get("cpu_topology") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(t)) => t,
+        Some(other) => {
+            return Err(format!(
+                "cloud_properties.cpu_topology must be {{\"sockets\": N, \"cores\": N, \"threads\": N}}, got {other}"
+            ))
+        }
+    };
+    if let Some(k) = t
+        .keys()
+        .find(|k| !["sockets", "cores", "threads"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "cloud_properties.cpu_topology.{k} is not one of sockets, cores, threads"
+        ));
+    }
+    let get = |k: &str| {
+        t.get(k)
+            .map(|v| integer(v, &format!("cpu_topology.{k}"), 1))
+            .transpose()
+            .map(|v| v.unwrap_or(1))
+    };
+    let topo = CpuTopology {
+        sockets: get("sockets")?,
+        cores: get("cores")?,
+        threads: get("threads")?,
+    };
+    let product = topo
+        .sockets
+        .checked_mul(topo.cores)
+        .and_then(|n| n.checked_mul(topo.threads));
+    if product != Some(cpu) {
+        return Err(format!(
+            "cloud_properties.cpu_topology: sockets {} x cores {} x threads {} must equal cpu ({cpu})",
+            topo.sockets, topo.cores, topo.threads
+        ));
+    }
+    Ok(Some(topo))
 }
 
 impl VmProperties {
@@ -86,15 +383,7 @@ impl VmProperties {
             (None, Some(v)) => Some(size_of(v, "root_disk", 1)?),
             (None, None) => None,
         };
-        let domain_type = match cp.get("domain_type") {
-            None => None,
-            Some(Value::String(t)) if t == "kvm" || t == "qemu" => Some(t.clone()),
-            Some(other) => {
-                return Err(format!(
-                    "cloud_properties.domain_type must be \"kvm\" or \"qemu\", got {other}"
-                ))
-            }
-        };
+        let domain_type = one_of(cp, "domain_type", &["kvm", "qemu"])?;
         let machine = match cp.get("machine") {
             None => None,
             Some(Value::String(m)) if valid_machine(m) => Some(m.clone()),
@@ -103,6 +392,15 @@ impl VmProperties {
                     "cloud_properties.machine must be a QEMU machine type like \"q35\", got {other}"
                 ))
             }
+        };
+        let firmware = match one_of(cp, "firmware", &["bios", "uefi"])?.as_deref() {
+            Some("uefi") => Firmware::Uefi,
+            _ => Firmware::Bios,
+        };
+        let graphics = match one_of(cp, "graphics", &["none", "vnc", "spice"])?.as_deref() {
+            Some("vnc") => Graphics::Vnc,
+            Some("spice") => Graphics::Spice,
+            _ => Graphics::None,
         };
         let ignored = cp
             .keys()
@@ -116,8 +414,29 @@ impl VmProperties {
             root_disk_mib,
             domain_type,
             machine,
+            cpu_mode: cpu_mode(cp)?,
+            cpu_topology: cpu_topology(cp, cpu)?,
+            memory_balloon: boolean(cp, "memory_balloon")?.unwrap_or(true),
+            disk: DiskOptions::parse(cp, "disk_")?,
+            firmware,
+            graphics,
             ignored,
         })
+    }
+
+    /// What the chosen domain type cannot do (the domain type may come from
+    /// the config, so this is checked once it is known).
+    pub fn check_domain_type(&self, domain_type: &str) -> Result<(), String> {
+        if domain_type == "qemu" && self.cpu_mode.kvm_only() {
+            let mode = match self.cpu_mode {
+                CpuMode::HostPassthrough => "host-passthrough",
+                _ => "host-model",
+            };
+            return Err(format!(
+                "cloud_properties.cpu_mode \"{mode}\" needs domain_type \"kvm\" (this VM would be \"qemu\", emulated: there is no host CPU to expose); use cpu_mode \"custom\" with a cpu_model, or domain_type \"kvm\""
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -129,7 +448,13 @@ fn valid_machine(m: &str) -> bool {
 }
 
 /// `calculate_vm_cloud_properties`: the director's desired size as this
-/// CPI's cloud_properties.
+/// CPI's cloud_properties. The director caches the answer per vm_resources
+/// (cloudfoundry/bosh src/bosh-director/lib/bosh/director/deployment_plan/
+/// vm_resources_cache.rb) and uses it in place of a vm_type's, merged
+/// SHALLOWLY under the AZ's and over by each vm_extension's
+/// (deployment_plan/merged_cloud_properties.rb, Hash#merge): so the answer
+/// holds the sizing keys only, and every other property (cpu_mode,
+/// disk_bus, firmware...) comes from vm_extensions unchanged.
 pub fn cloud_properties_for(
     cpu: u64,
     ram_mib: u64,
@@ -164,26 +489,108 @@ impl NetKind {
     }
 }
 
+/// What a NIC is plugged into (libvirt `<interface type=...>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicSource {
+    /// A libvirt network; None: the config's network.
+    Network(Option<String>),
+    /// An existing Linux bridge on the host (`type='bridge'`).
+    Bridge(String),
+    /// A macvtap on a host device (`type='direct'`), with its mode.
+    Direct { dev: String, mode: String },
+}
+
+pub const DIRECT_MODES: &[&str] = &["bridge", "vepa", "private", "passthrough"];
+
+/// Keys of a network's cloud_properties.
+const NETWORK_KEYS: &[&str] = &[
+    "network_name",
+    "network",
+    "bridge",
+    "macvtap",
+    "macvtap_mode",
+    "nic_group",
+];
+
 /// One BOSH network of a create_vm call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkRequest {
     pub name: String,
     pub kind: NetKind,
     pub ip: Option<String>,
-    /// The libvirt network named by the network's cloud_properties
-    /// (`network_name`, or `network`); None: the config's network.
-    pub libvirt_network: Option<String>,
+    pub source: NicSource,
+    /// Networks with the same group share one NIC.
+    pub nic_group: Option<String>,
+    /// cloud_properties keys not understood, for the warning.
+    pub ignored: Vec<String>,
 }
 
 impl NetworkRequest {
     pub fn has_nic(&self) -> bool {
         self.kind != NetKind::Vip
     }
+
+    /// The libvirt network named in cloud_properties (None: the config's,
+    /// or no libvirt network at all).
+    pub fn libvirt_network(&self) -> Option<&str> {
+        match &self.source {
+            NicSource::Network(n) => n.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+fn nic_source(name: &str, cp: &Map<String, Value>) -> Result<NicSource, String> {
+    let key = |k: &str| format!("networks.{name}.cloud_properties.{k}");
+    let network = match cp.get("network_name").or_else(|| cp.get("network")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(other) => {
+            return Err(format!(
+                "{} must be a non-empty string, got {other}",
+                key("network_name")
+            ))
+        }
+    };
+    // Linux interface names: at most 15 bytes (IFNAMSIZ - 1).
+    let bridge = cp
+        .get("bridge")
+        .filter(|v| !v.is_null())
+        .map(|v| plain_name(v, &key("bridge"), 15))
+        .transpose()?;
+    let macvtap = cp
+        .get("macvtap")
+        .filter(|v| !v.is_null())
+        .map(|v| plain_name(v, &key("macvtap"), 15))
+        .transpose()?;
+    let mode = match cp.get("macvtap_mode") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) if DIRECT_MODES.contains(&m.as_str()) => Some(m.clone()),
+        Some(other) => {
+            return Err(format!(
+                "{} must be one of {}; got {other}",
+                key("macvtap_mode"),
+                DIRECT_MODES.join(", ")
+            ))
+        }
+    };
+    match (network, bridge, macvtap, mode) {
+        (n, None, None, None) => Ok(NicSource::Network(n)),
+        (None, Some(b), None, None) => Ok(NicSource::Bridge(b)),
+        (None, None, Some(dev), mode) => Ok(NicSource::Direct {
+            dev,
+            mode: mode.unwrap_or_else(|| "bridge".into()),
+        }),
+        (_, _, None, Some(_)) => Err(format!("{} needs {}", key("macvtap_mode"), key("macvtap"))),
+        _ => Err(format!(
+            "networks.{name}.cloud_properties: give at most one of network_name, bridge, macvtap"
+        )),
+    }
 }
 
 /// The networks in a stable order (by name), each validated.
 pub fn parse_networks(networks: &Map<String, Value>) -> Result<Vec<NetworkRequest>, String> {
-    let mut out = Vec::new();
+    let mut out: Vec<NetworkRequest> = Vec::new();
     let mut names: Vec<&String> = networks.keys().collect();
     names.sort();
     for name in names {
@@ -216,26 +623,60 @@ pub fn parse_networks(networks: &Map<String, Value>) -> Result<Vec<NetworkReques
         if kind == NetKind::Manual && ip.is_none() {
             return Err(format!("networks.{name} is a manual network without an ip"));
         }
-        let libvirt_network = match n.get("cloud_properties") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(cp)) => match cp.get("network_name").or_else(|| cp.get("network")) {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                Some(other) => {
-                    return Err(format!(
-                        "networks.{name}.cloud_properties.network_name must be a non-empty string, got {other}"
-                    ))
-                }
-            },
+        if let (NetKind::Manual, Some(ip)) = (kind, &ip) {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!("networks.{name}.ip '{ip}' is not an IP address"));
+            }
+        }
+        let empty = Map::new();
+        let cp = match n.get("cloud_properties") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(cp)) => cp,
             Some(other) => {
-                return Err(format!("networks.{name}.cloud_properties must be an object, got {other}"))
+                return Err(format!(
+                    "networks.{name}.cloud_properties must be an object, got {other}"
+                ))
             }
         };
+        let source = nic_source(name, cp)?;
+        let nic_group = cp
+            .get("nic_group")
+            .filter(|v| !v.is_null())
+            .map(|v| {
+                plain_name(
+                    v,
+                    &format!("networks.{name}.cloud_properties.nic_group"),
+                    64,
+                )
+            })
+            .transpose()?;
+        if kind == NetKind::Vip && nic_group.is_some() {
+            return Err(format!(
+                "networks.{name} is a vip network (no NIC): it cannot be in nic_group"
+            ));
+        }
+        if let Some(g) = &nic_group {
+            if let Some(first) = out.iter().find(|o| o.nic_group.as_ref() == Some(g)) {
+                if first.source != source {
+                    return Err(format!(
+                        "networks {} and {name} share nic_group '{g}' but not their network_name/bridge/macvtap: one NIC has one source",
+                        first.name
+                    ));
+                }
+            }
+        }
+        let ignored = cp
+            .keys()
+            .filter(|k| !NETWORK_KEYS.contains(&k.as_str()))
+            .map(|k| format!("networks.{name}.cloud_properties.{k}"))
+            .collect();
         out.push(NetworkRequest {
             name: name.clone(),
             kind,
             ip,
-            libvirt_network,
+            source,
+            nic_group,
+            ignored,
         });
     }
     Ok(out)
@@ -301,7 +742,7 @@ mod tests {
         let nets = parse_networks(n.as_object().unwrap()).unwrap();
         let names: Vec<_> = nets.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
-        assert_eq!(nets[1].libvirt_network.as_deref(), Some("other"));
+        assert_eq!(nets[1].libvirt_network(), Some("other"));
         assert!(!nets[2].has_nic());
         for (v, needle) in [
             (json!({"d": {"type": "manual"}}), "without an ip"),
@@ -314,6 +755,203 @@ mod tests {
                 "network_name",
             ),
             (json!({"d": 1}), "must be an object"),
+        ] {
+            let e = parse_networks(v.as_object().unwrap()).unwrap_err();
+            assert!(e.contains(needle), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn shapes_parse() {
+        let p = props(
+            json!({"cpu": 4, "cpu_mode": "custom", "cpu_model": "qemu64",
+            "cpu_topology": {"sockets": 2, "cores": 2}, "memory_balloon": false,
+            "disk_bus": "scsi", "disk_cache": "none", "disk_io": "native", "disk_discard": "ignore",
+            "firmware": "uefi", "graphics": "vnc"}),
+        )
+        .unwrap();
+        assert_eq!(p.cpu_mode, CpuMode::Custom("qemu64".into()));
+        assert_eq!(
+            p.cpu_topology,
+            Some(CpuTopology {
+                sockets: 2,
+                cores: 2,
+                threads: 1
+            })
+        );
+        assert!(!p.memory_balloon);
+        assert_eq!(p.disk.bus, DiskBus::Scsi);
+        assert_eq!(
+            p.disk.driver_attrs(),
+            " cache='none' io='native' discard='ignore'"
+        );
+        assert_eq!((p.firmware, p.graphics), (Firmware::Uefi, Graphics::Vnc));
+        assert!(p.ignored.is_empty());
+        let d = props(json!({})).unwrap();
+        assert_eq!(d.cpu_mode, CpuMode::Default);
+        assert!(d.memory_balloon);
+        assert_eq!(d.disk.driver_attrs(), " discard='unmap'");
+        assert_eq!((d.firmware, d.graphics), (Firmware::Bios, Graphics::None));
+        // A disk record of an older CPI has no options: the defaults.
+        assert_eq!(
+            DiskOptions::from_record(&json!({"format": "raw"})).unwrap(),
+            DiskOptions::parse(&Map::new(), "").unwrap()
+        );
+        let o = DiskOptions::parse(
+            json!({"bus": "scsi", "cache": "writeback"})
+                .as_object()
+                .unwrap(),
+            "",
+        )
+        .unwrap();
+        assert_eq!(DiskOptions::from_record(&o.to_record()).unwrap(), o);
+    }
+
+    #[test]
+    fn kvm_only_cpu_modes_are_refused_under_qemu() {
+        for mode in ["host-passthrough", "host-model"] {
+            let p = props(json!({"cpu_mode": mode})).unwrap();
+            let e = p.check_domain_type("qemu").unwrap_err();
+            assert!(
+                e.contains("cloud_properties.cpu_mode") && e.contains(mode),
+                "{e}"
+            );
+            assert!(e.contains("\"kvm\""), "{e}");
+            p.check_domain_type("kvm").unwrap();
+        }
+        props(json!({"cpu_mode": "custom", "cpu_model": "qemu64"}))
+            .unwrap()
+            .check_domain_type("qemu")
+            .unwrap();
+    }
+
+    #[test]
+    fn bad_shapes_are_named_with_accepted_values() {
+        for (v, needle) in [
+            (
+                json!({"cpu_mode": "fast"}),
+                "cpu_mode must be one of host-passthrough, host-model, custom, default",
+            ),
+            (
+                json!({"cpu_mode": "custom"}),
+                "needs cloud_properties.cpu_model",
+            ),
+            (
+                json!({"cpu_mode": "host-model", "cpu_model": "x"}),
+                "only used with cpu_mode \"custom\"",
+            ),
+            (
+                json!({"cpu_model": "a'b"}),
+                "cloud_properties.cpu_model must be a name",
+            ),
+            (
+                json!({"cpu": 4, "cpu_topology": {"sockets": 3}}),
+                "must equal cpu (4)",
+            ),
+            (
+                json!({"cpu_topology": {"dies": 1}}),
+                "cpu_topology.dies is not one of sockets, cores, threads",
+            ),
+            (
+                json!({"cpu_topology": 2}),
+                "cloud_properties.cpu_topology must be",
+            ),
+            (
+                json!({"cpu_topology": {"cores": 0}}),
+                "cpu_topology.cores must be an integer >= 1",
+            ),
+            (
+                json!({"memory_balloon": "yes"}),
+                "memory_balloon must be true or false",
+            ),
+            (
+                json!({"disk_bus": "ide"}),
+                "disk_bus must be one of virtio, scsi",
+            ),
+            (
+                json!({"disk_cache": "fast"}),
+                "disk_cache must be one of none, writethrough",
+            ),
+            (
+                json!({"disk_io": "aio"}),
+                "disk_io must be one of native, threads, io_uring",
+            ),
+            (
+                json!({"disk_io": "native"}),
+                "needs cloud_properties.disk_cache \"none\"",
+            ),
+            (
+                json!({"disk_discard": "on"}),
+                "disk_discard must be one of unmap, ignore",
+            ),
+            (
+                json!({"firmware": "efi"}),
+                "firmware must be one of bios, uefi",
+            ),
+            (
+                json!({"graphics": "rdp"}),
+                "graphics must be one of none, vnc, spice",
+            ),
+        ] {
+            let e = props(v.clone()).unwrap_err();
+            assert!(e.contains(needle), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn network_sources_and_groups() {
+        let n = json!({
+            "a": {"type": "manual", "ip": "192.168.50.10", "cloud_properties": {"bridge": "br0", "nic_group": "g"}},
+            "b": {"type": "manual", "ip": "fd00::10", "cloud_properties": {"bridge": "br0", "nic_group": "g", "speed": 1}},
+            "c": {"type": "dynamic", "cloud_properties": {"macvtap": "eth1"}},
+            "d": {"type": "dynamic", "cloud_properties": {"macvtap": "eth1", "macvtap_mode": "vepa"}}
+        });
+        let nets = parse_networks(n.as_object().unwrap()).unwrap();
+        assert_eq!(nets[0].source, NicSource::Bridge("br0".into()));
+        assert_eq!(nets[1].nic_group.as_deref(), Some("g"));
+        assert_eq!(nets[1].ignored, ["networks.b.cloud_properties.speed"]);
+        assert_eq!(
+            nets[2].source,
+            NicSource::Direct {
+                dev: "eth1".into(),
+                mode: "bridge".into()
+            }
+        );
+        assert_eq!(nets[2].libvirt_network(), None);
+        for (v, needle) in [
+            (
+                json!({"d": {"type": "dynamic", "cloud_properties": {"bridge": "br0", "network_name": "n"}}}),
+                "at most one of network_name, bridge, macvtap",
+            ),
+            (
+                json!({"d": {"type": "dynamic", "cloud_properties": {"bridge": "br0;rm"}}}),
+                "cloud_properties.bridge must be a name",
+            ),
+            (
+                json!({"d": {"type": "dynamic", "cloud_properties": {"bridge": "a-very-long-bridge"}}}),
+                "at most 15",
+            ),
+            (
+                json!({"d": {"type": "dynamic", "cloud_properties": {"macvtap": "eth0", "macvtap_mode": "x"}}}),
+                "macvtap_mode must be one of bridge, vepa, private, passthrough",
+            ),
+            (
+                json!({"d": {"type": "dynamic", "cloud_properties": {"macvtap_mode": "vepa"}}}),
+                "needs networks.d.cloud_properties.macvtap",
+            ),
+            (
+                json!({"d": {"type": "vip", "ip": "1.2.3.4", "cloud_properties": {"nic_group": "g"}}}),
+                "cannot be in nic_group",
+            ),
+            (
+                json!({"d": {"type": "manual", "ip": "10.0.0.300"}}),
+                "is not an IP address",
+            ),
+            (
+                json!({"a": {"type": "dynamic", "cloud_properties": {"bridge": "br0", "nic_group": "g"}},
+                    "b": {"type": "dynamic", "cloud_properties": {"nic_group": "g"}}}),
+                "share nic_group 'g'",
+            ),
         ] {
             let e = parse_networks(v.as_object().unwrap()).unwrap_err();
             assert!(e.contains(needle), "{v}: {e}");

@@ -1061,3 +1061,171 @@ fn unfinished_snapshots_of_killed_calls_are_swept() {
     assert!(!vol_exists(&stale), "{stale} was not swept");
     assert!(vol_exists(&fresh), "a fresh unfinished snapshot was swept");
 }
+
+/// A creator record (src/creator.rs: boot id, pid, start time, since) for
+/// `pid`, as a CPI process writes into a disk's lock.
+fn creator_of(pid: u32, start: u64) -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!("{}:{pid}:{start}:{since}", boot.trim())
+}
+
+/// This test process's start time, field 22 of /proc/self/stat.
+fn own_start_time() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    after.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// A raw volume in the test bed's pool holding `bytes` (a lock or record
+/// as a killed call would leave it).
+fn put_volume(name: &str, bytes: &[u8]) {
+    let size = bytes.len().max(1).to_string();
+    tb().virsh_ok(&[
+        "vol-create-as",
+        &tb().pool_name(),
+        name,
+        &size,
+        "--format",
+        "raw",
+    ]);
+    upload(name, bytes);
+}
+
+/// The holder record: written before an attach, gone after the detach,
+/// verified in the named VM's own definition (so a stale record left by a
+/// killed attach or a deleted VM blocks nothing); the disk's lock: a call
+/// waits for a live holder's lock and gives up retryably, removes the lock
+/// of a killed call at once and an unwritten one after 10 s. A disk of an
+/// older CPI (no holder record) is still found attached by reading the domains.
+#[test]
+fn holder_records_and_locks_of_disks() {
+    let mut c = Cleanup::default();
+    let d = c.disk(16, json!({}));
+    let holder = format!("{d}.holder");
+    let lock = format!("{d}.lock");
+    let vm1 = TestVm::define(false);
+    let vm2 = TestVm::define(false);
+    assert_eq!(sidecar(&format!("{d}.meta"))["holder_record"], json!(true));
+
+    ok(cfg(), "attach_disk", json!([vm1.name, d]));
+    assert_eq!(sidecar(&holder), json!({"vm": vm1.name}));
+    assert!(!vol_exists(&lock), "the lock is released");
+    ok(cfg(), "detach_disk", json!([vm1.name, d]));
+    assert!(!vol_exists(&holder), "the record goes with the detach");
+
+    // A killed attach_disk: the record names vm1, which does not hold the disk.
+    put_volume(&holder, format!("{{\"vm\":\"{}\"}}", vm1.name).as_bytes());
+    ok(cfg(), "attach_disk", json!([vm2.name, d]));
+    assert_eq!(sidecar(&holder), json!({"vm": vm2.name}));
+    let (t, m) = err_kind("attach_disk", json!([vm1.name, d]));
+    assert_eq!(t, "CloudError");
+    assert!(m.contains(&vm2.name), "{m}");
+    ok(cfg(), "detach_disk", json!([vm2.name, d]));
+
+    // The lock of a killed call (its process is gone): removed at once.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    put_volume(&lock, creator_of(dead, 1).as_bytes());
+    let started = std::time::Instant::now();
+    let r = run_cpi_raw(
+        Some(cfg()),
+        &director_request("attach_disk", json!([vm1.name, d])),
+    );
+    assert!(r.response["error"].is_null(), "{}", r.response);
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "no wait for a dead holder"
+    );
+    assert!(
+        r.stderr.contains(&format!("removing lock {lock}")),
+        "{}",
+        r.stderr
+    );
+    assert!(!vol_exists(&lock));
+
+    // A lock created but never written (killed in between): removed after 10 s.
+    put_volume(&lock, &[0u8; 64]);
+    let started = std::time::Instant::now();
+    ok(cfg(), "detach_disk", json!([vm1.name, d]));
+    let waited = started.elapsed().as_secs();
+    assert!((10..30).contains(&waited), "waited {waited} s");
+    assert!(!vol_exists(&lock) && !vol_exists(&holder));
+
+    // A live holder's lock (this test process): the call waits, then gives up retryably.
+    put_volume(
+        &lock,
+        creator_of(std::process::id(), own_start_time()).as_bytes(),
+    );
+    let started = std::time::Instant::now();
+    let r = call(cfg(), "delete_disk", json!([d]));
+    assert!(started.elapsed().as_secs() >= 30);
+    assert_eq!(r["error"]["ok_to_retry"], json!(true), "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("is busy"),
+        "{r}"
+    );
+    assert!(
+        vol_exists(&d) && vol_exists(&lock),
+        "nothing touched under another's lock"
+    );
+    tb().virsh_ok(&["vol-delete", "--pool", &tb().pool_name(), &lock]);
+
+    // A disk of an older CPI: its record has no holder_record; attached to
+    // vm1 without a holder record, it is found there by reading the domains.
+    let legacy = c.disk(16, json!({}));
+    let meta = format!("{legacy}.meta");
+    let mut record = sidecar(&meta);
+    record.as_object_mut().unwrap().remove("holder_record");
+    tb().virsh_ok(&["vol-delete", "--pool", &tb().pool_name(), &meta]);
+    put_volume(&meta, record.to_string().as_bytes());
+    ok(cfg(), "attach_disk", json!([vm1.name, legacy]));
+    assert!(!vol_exists(&format!("{legacy}.holder")));
+    let (t, m) = err_kind("attach_disk", json!([vm2.name, legacy]));
+    assert_eq!(t, "CloudError");
+    assert!(m.contains(&vm1.name), "{m}");
+    let (t, m) = err_kind("delete_disk", json!([legacy]));
+    assert_eq!(t, "CloudError");
+    assert!(m.contains(&vm1.name), "{m}");
+    ok(cfg(), "detach_disk", json!([vm1.name, legacy]));
+}
+
+/// Attaches of one disk to four VMs at the same moment: the disk's lock lets
+/// exactly one through; the others are refused naming that VM (before the
+/// lock, all could see the disk free and more than one could keep it).
+#[test]
+fn concurrent_attaches_of_one_disk_leave_it_on_exactly_one_vm() {
+    let mut c = Cleanup::default();
+    let d = c.disk(16, json!({}));
+    let vms: Vec<TestVm> = (0..4).map(|_| TestVm::define(false)).collect();
+    let attaches: Vec<_> = vms
+        .iter()
+        .map(|vm| {
+            let (name, d) = (vm.name.clone(), d.clone());
+            std::thread::spawn(move || call(cfg(), "attach_disk", json!([name, d])))
+        })
+        .collect();
+    let results: Vec<Value> = attaches.into_iter().map(|h| h.join().unwrap()).collect();
+    let holding: Vec<&TestVm> = vms
+        .iter()
+        .filter(|vm| disk_element(&vm.config_xml(), &d).is_some())
+        .collect();
+    assert_eq!(holding.len(), 1, "{results:?}");
+    let winner = &holding[0].name;
+    for r in &results {
+        if !r["error"].is_null() {
+            let m = r["error"]["message"].as_str().unwrap();
+            assert!(m.contains(winner.as_str()), "{m}");
+        }
+    }
+    assert_eq!(
+        results.iter().filter(|r| r["error"].is_null()).count(),
+        1,
+        "{results:?}"
+    );
+    ok(cfg(), "detach_disk", json!([winner, d]));
+}

@@ -8,15 +8,18 @@
 //! the disk's format: for a `dir` pool libvirt PROBES formats from the first
 //! bytes of the file, which for a raw disk the guest writes), and `<cid>.tags`,
 //! the director's metadata, replaced by each set_disk_metadata.
-//! Where a disk is attached is read from the domains' XML (its `<serial>` or
-//! source path), never stored anywhere else.
+//! Where a disk is attached: the sidecar `<cid>.holder` names the VM to look
+//! at, changed only under the disk's lock `<cid>.lock` (see `holder`); the
+//! named VM's own XML (its `<serial>` or source path) has the last word.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+use super::holder;
 use super::snapshot;
 use super::Call;
 use crate::cid;
@@ -24,13 +27,19 @@ use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
 use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts, MIB};
 use crate::method::Object;
+use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
 /// The director retries a failed detach, and the request stays pending meanwhile.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// cloud_properties keys create_disk understands.
-const KNOWN_CLOUD_PROPERTIES: &[&str] = &["format", "source_snapshot"];
+/// The key of a disk's `.meta` record saying its holder is recorded (see `holder`).
+const HOLDER_RECORD: &str = "holder_record";
+
+/// cloud_properties keys create_disk understands (bus, cache, io and
+/// discard: `DiskOptions`, recorded with the disk for attach_disk).
+const KNOWN_CLOUD_PROPERTIES: &[&str] =
+    &["format", "source_snapshot", "bus", "cache", "io", "discard"];
 
 fn tags_name(disk_cid: &str) -> String {
     format!("{disk_cid}.tags")
@@ -158,7 +167,7 @@ pub fn create_disk(
         .filter(|k| !KNOWN_CLOUD_PROPERTIES.contains(k))
         .collect();
     if !unknown.is_empty() {
-        call.log.warn(format!(
+        call.log.warning(format!(
             "ignoring unknown disk cloud_properties: {}",
             unknown.join(", ")
         ));
@@ -176,6 +185,13 @@ pub fn create_disk(
             )))
         }
     };
+    // Persistent disks default to cache 'none' (see disk_device_xml), so
+    // `io: native` alone is valid here.
+    let mut with_default_cache = cloud_properties.clone();
+    if with_default_cache.get("cache").is_none_or(Value::is_null) {
+        with_default_cache.insert("cache".into(), json!("none"));
+    }
+    let options = DiskOptions::parse(&with_default_cache, "").map_err(CpiError::cloud)?;
     let source_snapshot = match cloud_properties.get("source_snapshot") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
@@ -253,16 +269,21 @@ pub fn create_disk(
         "format": format.as_str(),
         "size_mib": size_mib,
         "created_at": crate::log::timestamp(),
+        HOLDER_RECORD: true,
     });
     if let Some(s) = source_snapshot {
         record["source_snapshot"] = json!(s);
+    }
+    if let (Value::Object(r), Value::Object(o)) = (&mut record, options.to_record()) {
+        r.extend(o);
     }
     let lv = call.libvirt()?;
     lv.mark_complete(&pool, &disk_cid, &record)
         .map_err(|e| e.context(format!("recording disk {disk_cid}")))?;
     call.log.summary(format!(
-        "created {size_mib} MiB {} disk {disk_cid}{}",
+        "created {size_mib} MiB {} {} disk {disk_cid}{}",
         format.as_str(),
+        options.bus.as_str(),
         source_snapshot
             .map(|s| format!(" from snapshot {s}"))
             .unwrap_or_default()
@@ -355,16 +376,20 @@ pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
     let pool = call.libvirt()?.pool(&cfg.pool)?;
     match find_disk(call, &pool, disk_cid)? {
         Some(disk) => {
-            let holders = call.libvirt()?.disk_holders(&disk.dref(&cfg.pool.name))?;
-            if let Some(h) = holders.first() {
-                return Err(attached_elsewhere(
-                    disk_cid,
-                    h,
-                    "refusing to delete it (detach it first)",
-                ));
-            }
-            call.libvirt()?.delete_volume(&pool, disk_cid)?;
-            call.log.summary(format!("deleted disk {disk_cid}"));
+            let tracked = holder_is_recorded(call, &pool, disk_cid);
+            holder::with_lock(call, &pool, disk_cid, |call| {
+                let holders = holder::holders(call, &pool, &disk.dref(&cfg.pool.name), tracked)?;
+                if let Some(h) = holders.first() {
+                    return Err(attached_elsewhere(
+                        disk_cid,
+                        h,
+                        "refusing to delete it (detach it first)",
+                    ));
+                }
+                call.libvirt()?.delete_volume(&pool, disk_cid)?;
+                call.log.summary(format!("deleted disk {disk_cid}"));
+                Ok(())
+            })?;
         }
         None => call
             .log
@@ -374,6 +399,7 @@ pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
     // previous attempt may have stopped half-way).
     let lv = call.libvirt()?;
     lv.delete_volume(&pool, &tags_name(disk_cid))?;
+    lv.delete_volume(&pool, &holder::holder_name(disk_cid))?;
     lv.delete_volume(&pool, &marker_name(disk_cid))?;
     Ok(Value::Null)
 }
@@ -391,9 +417,31 @@ pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
     let disk =
         find_disk(call, &pool, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
     let format = recorded_format(call, &pool, &disk)?;
-    let r = disk.dref(&cfg.pool.name);
+    let (options, tracked) = recorded_options(call, &pool, disk_cid)?;
+    let target = holder::with_lock(call, &pool, disk_cid, |call| {
+        attach_locked(call, vm_cid, &domain, &disk, format, &options, tracked)
+    })?;
+    if call.request.wants_v1_shapes() {
+        return Ok(Value::Null);
+    }
+    Ok(json!({ "path": hint_path(&options, &target, disk_cid) }))
+}
 
-    let holders = call.libvirt()?.disk_holders(&r)?;
+/// attach_disk under the disk's lock; returns the device's target.
+fn attach_locked(
+    call: &mut Call,
+    vm_cid: &str,
+    domain: &Domain,
+    disk: &Disk,
+    format: DiskFormat,
+    options: &DiskOptions,
+    tracked: bool,
+) -> Result<String> {
+    let cfg = call.config;
+    let disk_cid = disk.cid.as_str();
+    let pool = call.libvirt()?.pool(&cfg.pool)?;
+    let r = disk.dref(&cfg.pool.name);
+    let holders = holder::holders(call, &pool, &r, tracked)?;
     if let Some(other) = holders.iter().find(|h| h.domain != vm_cid) {
         return Err(attached_elsewhere(
             disk_cid,
@@ -405,34 +453,45 @@ pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
         Some(h) => h.disks,
         None => call
             .libvirt()?
-            .domain_disks(&domain, vm_cid)?
+            .domain_disks(domain, vm_cid)?
             .ok_or_else(|| CpiError::vm_not_found(vm_cid))?,
     };
     // Already attached (fully or half: a previous attempt may have stopped
     // between the live and the persistent step): keep its target.
     let target = match disks.live_ref(&r).or(disks.config_ref(&r)) {
         Some(d) => d.target.clone(),
-        None => next_free_target(&disks.used_targets()),
+        None => next_free_target(&disks.used_targets(), options.bus),
     };
-    let xml = disk_device_xml(&disk.facts.path, format, &target, disk_cid);
+    if tracked {
+        // Before the device: the record names every VM that may hold the disk.
+        holder::record_holder(call, &pool, disk_cid, vm_cid)?;
+    }
     let need_live = disks.running && disks.live_ref(&r).is_none();
     let need_config = disks.config_ref(&r).is_none();
-    if need_live || need_config {
-        let lv = call.libvirt()?;
-        match lv.attach_disk_device(&domain, vm_cid, &xml, need_live, need_config) {
-            Ok(()) => {}
-            // The domain may have stopped since we looked: then its persistent
-            // definition is all there is to change.
-            Err(e) if need_live && need_config && !domain.is_active().unwrap_or(true) => {
-                call.log
-                    .info(format!("{vm_cid} is no longer running ({e})"));
-                call.libvirt()?
-                    .attach_disk_device(&domain, vm_cid, &xml, false, true)?;
-            }
-            Err(e) => return Err(e),
+    if !(need_live || need_config) {
+        call.log.summary(format!(
+            "disk {disk_cid} is already attached to {vm_cid} as {target}"
+        ));
+        return Ok(target);
+    }
+    let xml = disk_device_xml(&disk.facts.path, format, &target, disk_cid, options);
+    let lv = call.libvirt()?;
+    match lv.attach_disk_device(domain, vm_cid, &xml, need_live, need_config) {
+        Ok(()) => {}
+        // The domain may have stopped since we looked: then its persistent
+        // definition is all there is to change.
+        Err(e) if need_live && need_config && !domain.is_active().unwrap_or(true) => {
+            call.log
+                .info(format!("{vm_cid} is no longer running ({e})"));
+            call.libvirt()?
+                .attach_disk_device(domain, vm_cid, &xml, false, true)?;
         }
-        // Two attaches of one disk to two VMs at the same moment both see it
-        // free; the later one to look again backs out.
+        Err(e) => return Err(e),
+    }
+    if !tracked {
+        // A disk of an older CPI has no holder record, and an older CPI
+        // attaching it at the same moment takes no lock: both see it free,
+        // and the later one to look again backs out.
         let holders = call.libvirt()?.disk_holders(&r)?;
         if let Some(other) = holders.iter().find(|h| h.domain != vm_cid) {
             let msg = attached_elsewhere(
@@ -445,23 +504,61 @@ pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
             undo_attach(call, vm_cid, disk_cid, &pool, need_live)?;
             return Err(msg);
         }
-        call.log.summary(format!(
-            "attached disk {disk_cid} to {vm_cid} as {target} ({})",
-            if disks.running {
-                "hot-plugged"
-            } else {
-                "VM not running: persistent definition only"
-            }
-        ));
-    } else {
-        call.log.summary(format!(
-            "disk {disk_cid} is already attached to {vm_cid} as {target}"
-        ));
     }
-    if call.request.wants_v1_shapes() {
-        return Ok(Value::Null);
+    call.log.summary(format!(
+        "attached disk {disk_cid} to {vm_cid} as {target} ({})",
+        if disks.running {
+            "hot-plugged"
+        } else {
+            "VM not running: persistent definition only"
+        }
+    ));
+    Ok(target)
+}
+
+/// The `path` of the disk hint. The agent looks for a persistent disk by
+/// its CID first (`/dev/disk/by-id/*<CID>`, bosh-agent
+/// infrastructure/devicepathresolver/id_device_path_resolver.go), which
+/// finds both `virtio-<CID>` and the SCSI link; `path` is the fallback
+/// (mapped_device_path_resolver.go), which maps `/dev/sdX` to `/dev/vdX`
+/// first: so a SCSI disk's hint is its by-id link, never `/dev/sdX`.
+fn hint_path(options: &DiskOptions, target: &str, disk_cid: &str) -> String {
+    match options.bus {
+        DiskBus::Virtio => format!("/dev/{target}"),
+        DiskBus::Scsi => crate::settings::scsi_by_id(disk_cid),
     }
-    Ok(json!({"path": format!("/dev/{target}")}))
+}
+
+/// The bus and cache/io/discard options create_disk recorded with the disk
+/// (an older CPI's record has none: the defaults), and whether its holder is
+/// recorded (see `holder`).
+fn recorded_options(
+    call: &mut Call,
+    pool: &StoragePool,
+    disk_cid: &str,
+) -> Result<(DiskOptions, bool)> {
+    let meta = marker_name(disk_cid);
+    let record = call.libvirt()?.read_json_volume(pool, &meta)?;
+    match record {
+        Some(r) => DiskOptions::from_record(&r)
+            .map(|o| (o, tracks_holder(&r)))
+            .map_err(|e| CpiError::cloud(format!("{meta}: {e}"))),
+        None => Ok((DiskOptions::default(), false)),
+    }
+}
+
+/// Whether the disk's holder is recorded, for calls that must not fail on an
+/// unreadable `.meta` record (they then read every domain instead).
+pub(super) fn holder_is_recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> bool {
+    call.libvirt()
+        .and_then(|lv| lv.read_json_volume(pool, &marker_name(disk_cid)))
+        .ok()
+        .flatten()
+        .is_some_and(|r| tracks_holder(&r))
+}
+
+fn tracks_holder(record: &Value) -> bool {
+    record.get(HOLDER_RECORD) == Some(&Value::Bool(true))
 }
 
 /// Backs out an attach that lost a race (see attach_disk).
@@ -521,29 +618,54 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
             pool: &cfg.pool.name,
         },
     };
+    if disk.is_none() {
+        return detach_locked(call, vm_cid, &domain, &r, &pool);
+    }
+    holder::with_lock(call, &pool, disk_cid, |call| {
+        detach_locked(call, vm_cid, &domain, &r, &pool)?;
+        holder::release_holder(call, &pool, disk_cid, vm_cid)
+    })?;
+    Ok(Value::Null)
+}
+
+/// detach_disk under the disk's lock (when the disk still exists).
+fn detach_locked(
+    call: &mut Call,
+    vm_cid: &str,
+    domain: &Domain,
+    r: &DiskRef,
+    pool: &StoragePool,
+) -> Result<Value> {
+    let disk_cid = r.cid;
+    let not_attached = || {
+        CpiError::new(
+            ErrorKind::DiskNotAttached,
+            format!("{disk_cid} is not attached to {vm_cid}"),
+        )
+    };
     let lv = call.libvirt()?;
-    let Some(disks) = lv.domain_disks(&domain, vm_cid)? else {
+    let Some(disks) = lv.domain_disks(domain, vm_cid)? else {
         return Err(not_attached());
     };
-    let live = disks.live_ref(&r).cloned();
-    let config = disks.config_ref(&r).cloned();
+    let live = disks.live_ref(r).cloned();
+    let config = disks.config_ref(r).cloned();
     if live.is_none() && config.is_none() {
         return Err(not_attached());
     }
     if let Some(dev) = &live {
         if dev.mirror_ready.is_some() {
-            if let Some(gone) = lv.end_abandoned_copy(&pool, &domain, vm_cid, &dev.target)? {
+            if let Some(gone) = lv.end_abandoned_copy(pool, domain, vm_cid, &dev.target)? {
                 call.log.warn(format!(
                     "ended the abandoned live copy of {disk_cid} (a killed snapshot_disk) and deleted {gone}"
                 ));
             }
         }
         let lv = call.libvirt()?;
-        lv.detach_disk_live(&domain, vm_cid, dev, &r, DETACH_TIMEOUT)?;
+        lv.detach_disk_live(domain, vm_cid, dev, r, DETACH_TIMEOUT)?;
     }
     let lv = call.libvirt()?;
     if let Some(dev) = &config {
-        lv.detach_disk_config(&domain, vm_cid, dev)?;
+        lv.detach_disk_config(domain, vm_cid, dev)?;
     }
     let target = live.or(config).map(|d| d.target).unwrap_or_default();
     call.log
@@ -601,7 +723,8 @@ pub fn resize_disk(call: &mut Call, disk_cid: &str, new_size_mib: u64) -> Result
     }
     // The director detaches before resizing; growing under a running guest
     // would need a block resize and the guest to notice.
-    let holders = call.libvirt()?.disk_holders(&disk.dref(&cfg.pool.name))?;
+    let tracked = holder_is_recorded(call, &pool, disk_cid);
+    let holders = holder::holders(call, &pool, &disk.dref(&cfg.pool.name), tracked)?;
     if let Some(h) = holders.first() {
         return Err(attached_elsewhere(
             disk_cid,

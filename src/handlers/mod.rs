@@ -3,6 +3,7 @@
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
 mod disk;
+mod holder;
 pub mod info;
 mod snapshot;
 mod stemcell;

@@ -26,7 +26,8 @@ use serde_json::{json, Value};
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::disk::{checked_format, find_disk, recorded_format};
+use super::disk::{checked_format, find_disk, holder_is_recorded, recorded_format};
+use super::holder;
 use super::Call;
 use crate::cid;
 use crate::error::{CpiError, Result};
@@ -110,7 +111,8 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
     let disk =
         find_disk(call, &pool, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
     let r = disk.dref(&cfg.pool.name);
-    let holders = call.libvirt()?.disk_holders(&r)?;
+    let tracked = holder_is_recorded(call, &pool, disk_cid);
+    let holders = holder::holders(call, &pool, &r, tracked)?;
     let live = holders.iter().find_map(|h| {
         h.disks
             .live_ref(&r)

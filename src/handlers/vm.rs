@@ -51,7 +51,7 @@ use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
 use crate::settings::{self, SettingsInput};
-use crate::vm_spec::{self, NetKind, NetworkRequest, VmProperties};
+use crate::vm_spec::{self, Graphics, NetKind, NetworkRequest, NicSource, VmProperties};
 
 fn creation_failed(message: impl Into<String>) -> CpiError {
     CpiError::new(ErrorKind::VmCreationFailed, message)
@@ -92,6 +92,8 @@ struct NicPlan {
     mac: Option<String>,
     /// The DHCP entry to add for a manual IPv4 address.
     dhcp: Option<DhcpHost>,
+    /// A network of a nic_group after the first: the plan whose NIC it shares.
+    shares_nic_of: Option<usize>,
 }
 
 /// Something create_vm made, to undo on failure.
@@ -131,9 +133,26 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
         )));
     }
 
+    let domain_type = props
+        .domain_type
+        .clone()
+        .unwrap_or_else(|| config_domain_type(call.config));
+    props
+        .check_domain_type(&domain_type)
+        .map_err(creation_failed)?;
+
     let (lv, log, config) = call.parts()?;
-    for key in &props.ignored {
-        log.info(format!("ignoring unknown cloud_properties key '{key}'"));
+    let unknown: Vec<String> = props
+        .ignored
+        .iter()
+        .map(|k| format!("cloud_properties.{k}"))
+        .chain(requests.iter().flat_map(|r| r.ignored.iter().cloned()))
+        .collect();
+    if !unknown.is_empty() {
+        log.warning(format!(
+            "ignoring unknown keys (not used by this CPI): {}",
+            unknown.join(", ")
+        ));
     }
     if !args.disk_cids.is_empty() {
         log.debug(format!(
@@ -171,6 +190,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
     ));
     let vm_cid = cid::new_vm_cid();
     let networks = resolve_networks(lv, config, &requests)?;
+    check_host_interfaces(lv, &requests)?;
     let mut nics = plan_nics(config, &vm_cid, requests, &networks, log)?;
     log.debug(format!("{vm_cid}: networks checked, MACs chosen"));
 
@@ -187,6 +207,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
             stemcell: &stemcell,
             root_bytes,
             ephemeral_bytes,
+            domain_type: &domain_type,
             networks: &networks,
         },
         &mut nics,
@@ -304,7 +325,9 @@ fn resolve_networks(
 ) -> Result<BTreeMap<String, (Network, NetworkInfo)>> {
     let mut out = BTreeMap::new();
     for r in requests.iter().filter(|r| r.has_nic()) {
-        let name = libvirt_network_of(r, config);
+        let Some(name) = libvirt_network_of(r, config) else {
+            continue;
+        };
         if out.contains_key(&name) {
             continue;
         }
@@ -325,6 +348,29 @@ fn resolve_networks(
         out.insert(name, (net, info));
     }
     Ok(out)
+}
+
+fn config_domain_type(config: &Config) -> String {
+    config.libvirt.domain_type.as_str().to_string()
+}
+
+/// The host devices bridge and macvtap NICs use must exist (checked before
+/// anything is made; libvirt would only notice when the VM starts).
+fn check_host_interfaces(lv: &Libvirt, requests: &[NetworkRequest]) -> Result<()> {
+    for r in requests.iter().filter(|r| r.has_nic()) {
+        let (dev, key) = match &r.source {
+            NicSource::Bridge(b) => (b, "bridge"),
+            NicSource::Direct { dev, .. } => (dev, "macvtap"),
+            NicSource::Network(_) => continue,
+        };
+        if lv.host_interface_exists(dev)? == Some(false) {
+            return Err(creation_failed(format!(
+                "networks.{}.cloud_properties.{key}: the host has no interface '{dev}'",
+                r.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Chooses MACs and checks manual IPs against the libvirt networks.
@@ -353,6 +399,35 @@ fn plan_nics(
                 libvirt_network: None,
                 mac: None,
                 dhcp: None,
+                shares_nic_of: None,
+            });
+            continue;
+        }
+        let net_name = libvirt_network_of(&r, config);
+        // A later network of a nic_group rides on the group's first NIC:
+        // the agent configures every network whose settings carry a NIC's
+        // MAC on that NIC (bosh-agent platform/net/
+        // interface_configuration_creator.go, NetworksForMac).
+        let group_head = r.nic_group.as_ref().and_then(|g| {
+            plans
+                .iter()
+                .position(|p| p.shares_nic_of.is_none() && p.request.nic_group.as_ref() == Some(g))
+        });
+        if let Some(head) = group_head {
+            if r.kind == NetKind::Manual {
+                log.info(format!(
+                    "networks.{} shares the NIC of networks.{} (nic_group): its IP {} is configured by the agent, no DHCP reservation",
+                    r.name,
+                    plans[head].request.name,
+                    r.ip.as_deref().unwrap_or_default()
+                ));
+            }
+            plans.push(NicPlan {
+                request: r,
+                libvirt_network: net_name,
+                mac: plans[head].mac.clone(),
+                dhcp: None,
+                shares_nic_of: Some(head),
             });
             continue;
         }
@@ -361,7 +436,27 @@ fn plan_nics(
             mac = random_mac();
         }
         used.insert(mac.clone());
-        let net_name = libvirt_network_of(&r, config);
+        let Some(net_name) = net_name else {
+            if r.kind == NetKind::Manual {
+                log.info(format!(
+                    "networks.{}: {} on a host {}: no libvirt DHCP, the agent configures it from the settings",
+                    r.name,
+                    r.ip.as_deref().unwrap_or_default(),
+                    match r.source {
+                        NicSource::Bridge(_) => "bridge",
+                        _ => "device (macvtap)",
+                    }
+                ));
+            }
+            plans.push(NicPlan {
+                request: r,
+                libvirt_network: None,
+                mac: Some(mac),
+                dhcp: None,
+                shares_nic_of: None,
+            });
+            continue;
+        };
         let (_, info) = &networks[&net_name];
         let mut dhcp = None;
         if let (NetKind::Manual, Some(ip_text)) = (r.kind, &r.ip) {
@@ -426,7 +521,21 @@ fn plan_nics(
                         ));
                     }
                 }
-                (ip, _) => log.info(format!(
+                // libvirt refuses a MAC in an IPv6 host entry ("Invalid to
+                // specify MAC address ... IPv6 static host definition",
+                // src/conf/network_conf.c): DHCPv6 hosts match a DUID.
+                (IpAddr::V6(ip), _) if !info.usable_ipv6(ip) => {
+                    let (host, prefix) = info.ipv6.unwrap_or((ip, 128));
+                    return Err(creation_failed(format!(
+                        "networks.{}.ip {ip} is not a usable address of libvirt network '{net_name}' (IPv6 {host}/{prefix})",
+                        r.name
+                    )));
+                }
+                (IpAddr::V6(ip), _) => log.info(format!(
+                    "networks.{}.ip {ip}: IPv6, configured by the agent from the settings (libvirt's DHCPv6 host entries match a DUID, not the MAC, so no reservation is made)",
+                    r.name
+                )),
+                (ip, None) => log.info(format!(
                     "networks.{}.ip {ip}: no IPv4 subnet on libvirt network '{net_name}' to reserve it in; the agent configures it",
                     r.name
                 )),
@@ -437,16 +546,19 @@ fn plan_nics(
             libvirt_network: Some(net_name),
             mac: Some(mac),
             dhcp,
+            shares_nic_of: None,
         });
     }
     Ok(plans)
 }
 
-/// The libvirt network a NIC goes on: the network's cloud_properties, else the config's.
-fn libvirt_network_of(r: &NetworkRequest, config: &Config) -> String {
-    r.libvirt_network
-        .clone()
-        .unwrap_or_else(|| config.network.name.clone())
+/// The libvirt network a NIC goes on: the network's cloud_properties, else
+/// the config's; None for a NIC on a host bridge or device.
+fn libvirt_network_of(r: &NetworkRequest, config: &Config) -> Option<String> {
+    match &r.source {
+        NicSource::Network(n) => Some(n.clone().unwrap_or_else(|| config.network.name.clone())),
+        _ => None,
+    }
 }
 
 struct MakeInputs<'a> {
@@ -455,6 +567,7 @@ struct MakeInputs<'a> {
     stemcell: &'a Stemcell,
     root_bytes: u64,
     ephemeral_bytes: u64,
+    domain_type: &'a str,
     networks: &'a BTreeMap<String, (Network, NetworkInfo)>,
 }
 
@@ -477,18 +590,21 @@ fn make_vm(
     let mut spec = DomainSpec {
         name: vm_cid.to_string(),
         uuid: vm_cid.trim_start_matches("vm-").to_string(),
-        domain_type: props
-            .domain_type
-            .clone()
-            .unwrap_or_else(|| config.libvirt.domain_type.as_str().to_string()),
+        domain_type: m.domain_type.to_string(),
         machine: props
             .machine
             .clone()
             .unwrap_or_else(|| config.libvirt.machine.clone()),
         memory_mib: props.memory_mib,
         cpus: props.cpu,
+        cpu_mode: props.cpu_mode.clone(),
+        cpu_topology: props.cpu_topology,
+        memory_balloon: props.memory_balloon,
+        firmware: props.firmware,
+        graphics: (props.graphics != Graphics::None).then(|| (props.graphics, console_password())),
         root_disk: format!("{dir}/{root_name}"),
         ephemeral_disk: ephemeral_name.as_ref().map(|n| format!("{dir}/{n}")),
+        disk: props.disk.clone(),
         config_drive: format!("{dir}/{iso_name}"),
         nics: Vec::new(),
         console_log: format!(
@@ -504,10 +620,22 @@ fn make_vm(
             creating: Creator::this_process().map(|c| c.to_string()),
         },
     };
-    let with_nics = |spec: &mut DomainSpec, nics: &[NicPlan]| {
+    let with_nics = |spec: &mut DomainSpec, nics: &mut [NicPlan]| {
+        for i in 0..nics.len() {
+            if let Some(head) = nics[i].shares_nic_of {
+                nics[i].mac = nics[head].mac.clone();
+            }
+        }
         spec.nics = nics
             .iter()
-            .filter_map(|n| Some((n.mac.clone()?, n.libvirt_network.clone()?)))
+            .filter(|n| n.shares_nic_of.is_none())
+            .filter_map(|n| {
+                let source = match &n.request.source {
+                    NicSource::Network(_) => NicSource::Network(n.libvirt_network.clone()),
+                    other => other.clone(),
+                };
+                Some((n.mac.clone()?, source))
+            })
             .collect();
         spec.metadata.networks = nics
             .iter()
@@ -644,6 +772,7 @@ fn make_vm(
         agent: &config.agent,
         networks: &settings_networks,
         has_ephemeral_disk: ephemeral_name.is_some(),
+        disk_bus: props.disk.bus,
         env: args.env,
     });
     let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
@@ -661,6 +790,15 @@ fn make_vm(
     spec.metadata.creating = None;
     lv.set_vm_metadata(&dom, vm_cid, &spec.metadata)?;
     Ok(())
+}
+
+/// A password for a VM's graphics console: 8 characters, VNC's limit.
+fn console_password() -> String {
+    const CHARS: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    uuid::Uuid::new_v4().as_bytes()[..8]
+        .iter()
+        .map(|b| CHARS[usize::from(*b) % CHARS.len()] as char)
+        .collect()
 }
 
 /// The domain was defined with the path the pool's directory implies; the
@@ -809,7 +947,12 @@ fn sweep_vm_leftovers(
         let Some(net) = lv.find_network(&net_name)? else {
             continue;
         };
-        let info = lv.network_info(&net, &net_name)?;
+        let info = match lv.network_info(&net, &net_name) {
+            Ok(info) => info,
+            // Removed since it was listed (another client's network): nothing to sweep there.
+            Err(_) if lv.find_network(&net_name)?.is_none() => continue,
+            Err(e) => return Err(e),
+        };
         for host in &info.hosts {
             let named = host
                 .name
@@ -946,7 +1089,18 @@ fn remove_killed_create(
         creator.pid, creator.boot_id
     ));
     lv.destroy_domain(dom, vm)?;
+    // The domain, with its dead creator, marks the leftovers until they are
+    // gone: it is undefined only once the sweep found nothing it could not
+    // remove (a volume libvirtd is still building for the killed call stays,
+    // and so does the domain, for the next call's sweep).
+    let problems = sweep_vm_leftovers(lv, pool, vm, &[], log)?;
+    if !problems.is_empty() {
+        log.warn(format!("sweeping {vm}: {}", problems.join("; ")));
+        return Ok(false);
+    }
     lv.undefine_domain(dom, vm)?;
+    // libvirtd finishes a call whose client was killed: a volume that call
+    // made while the first sweep ran shows up only now.
     let problems = sweep_vm_leftovers(lv, pool, vm, &[], log)?;
     if !problems.is_empty() {
         log.warn(format!("sweeping {vm}: {}", problems.join("; ")));

@@ -19,6 +19,7 @@ use super::volume::{marker_name, DiskFormat, MIB};
 use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How often a domain's live XML is re-read while waiting for the guest.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -121,17 +122,30 @@ pub struct Holder {
     pub disks: DomainDisks,
 }
 
-/// The virtio-blk device the CPI attaches for a persistent disk. `cache='none'`
-/// (O_DIRECT on the host: no double caching, guest flushes reach the disk) works
-/// under both TCG and KVM on the local filesystems a `dir` pool lives on.
-pub fn disk_device_xml(path: &str, format: DiskFormat, target: &str, serial: &str) -> String {
+/// The device the CPI attaches for a persistent disk: on its disk_type's
+/// bus (virtio-blk, or a disk of the domain's virtio-scsi controller), with
+/// its cache/io/discard options, and `<serial>` = CID either way (how the
+/// agent finds it). Without a disk_type cache mode, `cache='none'` (O_DIRECT
+/// on the host: no double caching, guest flushes reach the disk), which
+/// works under both TCG and KVM on the local filesystems a `dir` pool lives on.
+pub fn disk_device_xml(
+    path: &str,
+    format: DiskFormat,
+    target: &str,
+    serial: &str,
+    options: &DiskOptions,
+) -> String {
+    let mut options = options.clone();
+    options.cache.get_or_insert_with(|| "none".to_string());
     format!(
         "<disk type='file' device='disk'>\
-         <driver name='qemu' type='{}' cache='none' discard='unmap'/>\
-         <source file='{}'/><target dev='{}' bus='virtio'/><serial>{}</serial></disk>",
+         <driver name='qemu' type='{}'{}/>\
+         <source file='{}'/><target dev='{}' bus='{}'/><serial>{}</serial></disk>",
         format.as_str(),
+        options.driver_attrs(),
         xml_escape(path),
         xml_escape(target),
+        options.bus.as_str(),
         xml_escape(serial)
     )
 }
@@ -156,10 +170,15 @@ fn detach_xml(d: &DiskDevice) -> String {
     )
 }
 
-/// The first `vdX` name (vda..vdz, vdaa..) not in `used`.
-pub fn next_free_target(used: &[String]) -> String {
+/// The first target name of the bus (`vdX` for virtio, `sdX` for scsi;
+/// a..z, aa..) not in `used`.
+pub fn next_free_target(used: &[String], bus: DiskBus) -> String {
+    let prefix = match bus {
+        DiskBus::Virtio => "vd",
+        DiskBus::Scsi => "sd",
+    };
     (0..)
-        .map(|i| format!("vd{}", drive_letters(i)))
+        .map(|i| format!("{prefix}{}", drive_letters(i)))
         .find(|t| !used.iter().any(|u| u == t))
         .unwrap_or_default()
 }
@@ -808,19 +827,36 @@ mod tests {
     #[test]
     fn targets_fill_the_first_gap() {
         let used = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(next_free_target(&used(&[])), "vda");
-        assert_eq!(next_free_target(&used(&["vda", "vdb", "sda"])), "vdc");
-        assert_eq!(next_free_target(&used(&["vda", "vdc"])), "vdb");
+        let v = DiskBus::Virtio;
+        assert_eq!(next_free_target(&used(&[]), v), "vda");
+        assert_eq!(next_free_target(&used(&["vda", "vdb", "sda"]), v), "vdc");
+        assert_eq!(next_free_target(&used(&["vda", "vdc"]), v), "vdb");
+        assert_eq!(
+            next_free_target(&used(&["vda", "vdb", "sda"]), DiskBus::Scsi),
+            "sdb"
+        );
         let all: Vec<String> = (0..26).map(|i| format!("vd{}", drive_letters(i))).collect();
         assert_eq!(all[25], "vdz");
-        assert_eq!(next_free_target(&all), "vdaa");
+        assert_eq!(next_free_target(&all, v), "vdaa");
         assert_eq!(drive_letters(27), "ab");
         assert_eq!(drive_letters(26 * 27), "aaa");
     }
 
     #[test]
     fn device_xml_round_trips() {
-        let xml = disk_device_xml("/p/disk-1", DiskFormat::Raw, "vdc", "disk-1");
+        let defaults = DiskOptions::default();
+        let xml = disk_device_xml("/p/disk-1", DiskFormat::Raw, "vdc", "disk-1", &defaults);
+        assert!(xml.contains("cache='none' discard='unmap'"), "{xml}");
+        let scsi = DiskOptions {
+            bus: DiskBus::Scsi,
+            cache: Some("writeback".into()),
+            ..defaults.clone()
+        };
+        let s = disk_device_xml("/p/disk-1", DiskFormat::Raw, "sdd", "disk-1", &scsi);
+        assert!(
+            s.contains("cache='writeback'") && s.contains("bus='scsi'"),
+            "{s}"
+        );
         let wrapped = format!("<domain><devices>{xml}</devices></domain>");
         let d = &parse_domain_disks(&wrapped).unwrap()[0];
         assert_eq!(

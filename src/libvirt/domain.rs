@@ -15,6 +15,7 @@ use virt::sys;
 use super::xmltree::Element;
 use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+use crate::vm_spec::{CpuMode, CpuTopology, DiskBus, DiskOptions, Firmware, Graphics, NicSource};
 
 /// Namespace of the CPI's element in a domain's `<metadata>` (naming.md).
 pub const METADATA_NS: &str = "urn:bosh-libvirt-cpi:vm:1";
@@ -165,14 +166,27 @@ pub struct DomainSpec {
     pub machine: String,
     pub memory_mib: u64,
     pub cpus: u64,
+    pub cpu_mode: CpuMode,
+    pub cpu_topology: Option<CpuTopology>,
+    pub memory_balloon: bool,
+    pub firmware: Firmware,
+    /// A console for people, with its password (listening on 127.0.0.1 only).
+    pub graphics: Option<(Graphics, String)>,
     pub root_disk: String,
     pub ephemeral_disk: Option<String>,
+    /// Bus, cache, io and discard of the root and ephemeral disks.
+    pub disk: DiskOptions,
     pub config_drive: String,
-    /// (MAC, libvirt network) per NIC, in order.
-    pub nics: Vec<(String, String)>,
+    /// (MAC, what it is plugged into) per NIC, in order; a `Network` source
+    /// always names its libvirt network here.
+    pub nics: Vec<(String, NicSource)>,
     pub console_log: String,
     pub metadata: VmMetadata,
 }
+
+/// The serial the ephemeral disk carries, so the agent finds it by a stable
+/// name on every bus (see `settings::ephemeral_path`).
+pub const EPHEMERAL_SERIAL: &str = "bosh-ephemeral";
 
 pub fn is_q35(machine: &str) -> bool {
     machine == "q35" || machine.starts_with("pc-q35")
@@ -196,22 +210,28 @@ impl DomainSpec {
             "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n",
             self.memory_mib, self.cpus
         ));
-        x.push_str(&format!(
-            "  <os>\n    <type arch='x86_64' machine='{}'>hvm</type>\n    <boot dev='hd'/>\n  </os>\n",
-            e(&self.machine)
-        ));
+        x.push_str(&self.os_xml());
+        x.push_str(&self.cpu_xml());
         x.push_str("  <features>\n    <acpi/>\n    <apic/>\n  </features>\n");
         x.push_str("  <clock offset='utc'/>\n");
         x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>restart</on_crash>\n");
         x.push_str("  <devices>\n");
+        let (root_dev, eph_dev) = match self.disk.bus {
+            DiskBus::Virtio => ("vda", "vdb"),
+            // sda is the config drive's (SATA) name; libvirt wants names unique.
+            DiskBus::Scsi => ("sdb", "sdc"),
+        };
+        let driver = self.disk.driver_attrs();
         x.push_str(&format!(
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2' discard='unmap'/>\n      <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n",
-            e(&self.root_disk)
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'{driver}/>\n      <source file='{}'/>\n      <target dev='{root_dev}' bus='{}'/>\n    </disk>\n",
+            e(&self.root_disk),
+            self.disk.bus.as_str()
         ));
         if let Some(eph) = &self.ephemeral_disk {
             x.push_str(&format!(
-                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw' discard='unmap'/>\n      <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n    </disk>\n",
-                e(eph)
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'{driver}/>\n      <source file='{}'/>\n      <target dev='{eph_dev}' bus='{}'/>\n      <serial>{EPHEMERAL_SERIAL}</serial>\n    </disk>\n",
+                e(eph),
+                self.disk.bus.as_str()
             ));
         }
         // The config drive is a SATA CD-ROM: the guest sees /dev/sr0 and the
@@ -220,17 +240,39 @@ impl DomainSpec {
             "    <disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      <source file='{}'/>\n      <target dev='sda' bus='sata'/>\n      <readonly/>\n    </disk>\n",
             e(&self.config_drive)
         ));
-        for (mac, network) in &self.nics {
+        for (mac, source) in &self.nics {
+            let (kind, src) = match source {
+                NicSource::Network(n) => (
+                    "network",
+                    format!(
+                        "<source network='{}'/>",
+                        e(n.as_deref().unwrap_or_default())
+                    ),
+                ),
+                NicSource::Bridge(b) => ("bridge", format!("<source bridge='{}'/>", e(b))),
+                NicSource::Direct { dev, mode } => (
+                    "direct",
+                    format!("<source dev='{}' mode='{}'/>", e(dev), e(mode)),
+                ),
+            };
             x.push_str(&format!(
-                "    <interface type='network'>\n      <mac address='{}'/>\n      <source network='{}'/>\n      <model type='virtio'/>\n    </interface>\n",
-                e(mac),
-                e(network)
+                "    <interface type='{kind}'>\n      <mac address='{}'/>\n      {src}\n      <model type='virtio'/>\n    </interface>\n",
+                e(mac)
             ));
         }
+        // Every domain has a virtio-scsi controller, so a disk_type with
+        // bus scsi can be hot-plugged into any VM.
+        x.push_str("    <controller type='scsi' index='0' model='virtio-scsi'/>\n");
         if is_q35(&self.machine) {
             // libvirt puts each PCIe device behind its own root port, taking
             // the ports it is given first, so the spare ones come on top.
-            let used = 1 + usize::from(self.ephemeral_disk.is_some()) + self.nics.len() + 2;
+            let disks = match self.disk.bus {
+                DiskBus::Virtio => 1 + usize::from(self.ephemeral_disk.is_some()),
+                DiskBus::Scsi => 0,
+            };
+            let graphics = usize::from(self.graphics.is_some());
+            let used =
+                disks + self.nics.len() + 1 + usize::from(self.memory_balloon) + 1 + graphics;
             x.push_str("    <controller type='pci' index='0' model='pcie-root'/>\n");
             for _ in 0..used + SPARE_ROOT_PORTS {
                 x.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
@@ -244,10 +286,61 @@ impl DomainSpec {
         x.push_str(
             "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n",
         );
-        x.push_str("    <memballoon model='virtio'/>\n");
+        if let Some((kind, password)) = &self.graphics {
+            // Never on 0.0.0.0: the host's localhost only (an SSH tunnel
+            // reaches it), and with a password.
+            x.push_str(&format!(
+                "    <graphics type='{}' autoport='yes' passwd='{}'>\n      <listen type='address' address='127.0.0.1'/>\n    </graphics>\n    <video>\n      <model type='virtio'/>\n    </video>\n",
+                kind.as_str(),
+                e(password)
+            ));
+        }
+        if self.memory_balloon {
+            x.push_str("    <memballoon model='virtio'/>\n");
+        } else {
+            x.push_str("    <memballoon model='none'/>\n");
+        }
         x.push_str("    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n");
         x.push_str("  </devices>\n</domain>\n");
         x
+    }
+
+    fn os_xml(&self) -> String {
+        let machine = xml_escape(&self.machine);
+        match self.firmware {
+            Firmware::Bios => format!(
+                "  <os>\n    <type arch='x86_64' machine='{machine}'>hvm</type>\n    <boot dev='hd'/>\n  </os>\n"
+            ),
+            // libvirt picks an OVMF build from QEMU's firmware descriptors;
+            // stemcells are not signed for secure boot, so not that one.
+            Firmware::Uefi => format!(
+                "  <os firmware='efi'>\n    <type arch='x86_64' machine='{machine}'>hvm</type>\n    <firmware>\n      <feature enabled='no' name='secure-boot'/>\n    </firmware>\n    <boot dev='hd'/>\n  </os>\n"
+            ),
+        }
+    }
+
+    fn cpu_xml(&self) -> String {
+        let topology = self
+            .cpu_topology
+            .map(|t| {
+                format!(
+                    "    <topology sockets='{}' dies='1' cores='{}' threads='{}'/>\n",
+                    t.sockets, t.cores, t.threads
+                )
+            })
+            .unwrap_or_default();
+        match &self.cpu_mode {
+            CpuMode::Default if topology.is_empty() => String::new(),
+            CpuMode::Default => format!("  <cpu>\n{topology}  </cpu>\n"),
+            CpuMode::HostPassthrough => {
+                format!("  <cpu mode='host-passthrough' check='none'>\n{topology}  </cpu>\n")
+            }
+            CpuMode::HostModel => format!("  <cpu mode='host-model'>\n{topology}  </cpu>\n"),
+            CpuMode::Custom(model) => format!(
+                "  <cpu mode='custom' match='exact'>\n    <model fallback='forbid'>{}</model>\n{topology}  </cpu>\n",
+                xml_escape(model)
+            ),
+        }
     }
 }
 
@@ -694,10 +787,19 @@ mod tests {
             machine: "q35".into(),
             memory_mib: 512,
             cpus: 2,
+            cpu_mode: CpuMode::Default,
+            cpu_topology: None,
+            memory_balloon: true,
+            firmware: Firmware::Bios,
+            graphics: None,
             root_disk: "/pool/vm-1-root".into(),
             ephemeral_disk: Some("/pool/vm-1-ephemeral".into()),
+            disk: DiskOptions::parse(&serde_json::Map::new(), "").unwrap(),
             config_drive: "/pool/vm-1-config.iso".into(),
-            nics: vec![("52:54:00:00:00:01".into(), "net-a".into())],
+            nics: vec![(
+                "52:54:00:00:00:01".into(),
+                NicSource::Network(Some("net-a".into())),
+            )],
             console_log: "/logs/vm-1.console.log".into(),
             metadata: VmMetadata {
                 agent_id: "agent-<1>".into(),
@@ -734,10 +836,71 @@ mod tests {
             .children_named("controller")
             .filter(|c| c.attr("model") == Some("pcie-root-port"))
             .count();
-        // root, ephemeral, one NIC, balloon, rng + the spares.
-        assert_eq!(ports, 5 + SPARE_ROOT_PORTS);
+        // root, ephemeral, one NIC, scsi controller, balloon, rng + the spares.
+        assert_eq!(ports, 6 + SPARE_ROOT_PORTS);
+        assert!(xml.contains("<controller type='scsi' index='0' model='virtio-scsi'/>"));
+        assert!(!xml.contains("<cpu") && !xml.contains("<graphics") && !xml.contains("firmware"));
+        assert!(xml.contains("<memballoon model='virtio'/>"));
         assert!(xml.contains("<readonly/>") && xml.contains("bus='sata'"));
         assert!(xml.contains("append='off'"));
+    }
+
+    #[test]
+    fn shapes_in_the_domain_xml() {
+        let mut s = spec();
+        s.cpu_mode = CpuMode::Custom("qemu64".into());
+        s.cpu_topology = Some(CpuTopology {
+            sockets: 1,
+            cores: 2,
+            threads: 1,
+        });
+        s.memory_balloon = false;
+        s.firmware = Firmware::Uefi;
+        s.graphics = Some((Graphics::Vnc, "pw".into()));
+        s.disk = DiskOptions::parse(
+            serde_json::json!({"bus": "scsi", "cache": "none", "io": "native"})
+                .as_object()
+                .unwrap(),
+            "",
+        )
+        .unwrap();
+        s.nics
+            .push(("02:00:00:00:00:02".into(), NicSource::Bridge("br0".into())));
+        s.nics.push((
+            "02:00:00:00:00:03".into(),
+            NicSource::Direct {
+                dev: "eth1".into(),
+                mode: "vepa".into(),
+            },
+        ));
+        let xml = s.to_xml();
+        let root = Element::parse(&xml).unwrap();
+        let cpu = root.child("cpu").unwrap();
+        assert_eq!(cpu.attr("mode"), Some("custom"));
+        assert_eq!(cpu.child("model").unwrap().text_trimmed(), "qemu64");
+        assert_eq!(cpu.child("topology").unwrap().attr("cores"), Some("2"));
+        assert_eq!(root.child("os").unwrap().attr("firmware"), Some("efi"));
+        assert!(xml.contains("<memballoon model='none'/>"));
+        assert!(xml.contains("<graphics type='vnc' autoport='yes' passwd='pw'>"));
+        assert!(xml.contains("<listen type='address' address='127.0.0.1'/>"));
+        assert!(xml.contains("<target dev='sdb' bus='scsi'/>"));
+        assert!(xml.contains("<target dev='sdc' bus='scsi'/>"));
+        assert!(xml.contains(
+            "<driver name='qemu' type='qcow2' cache='none' io='native' discard='unmap'/>"
+        ));
+        assert!(
+            xml.contains("<interface type='bridge'>") && xml.contains("<source bridge='br0'/>")
+        );
+        assert!(xml.contains("<source dev='eth1' mode='vepa'/>"));
+        let facts = DomainFacts::from_xml(&xml).unwrap();
+        assert_eq!(facts.interfaces.len(), 3);
+        s.cpu_mode = CpuMode::HostPassthrough;
+        assert!(s
+            .to_xml()
+            .contains("<cpu mode='host-passthrough' check='none'>"));
+        s.cpu_mode = CpuMode::Default;
+        s.cpu_topology = None;
+        assert!(!s.to_xml().contains("<cpu"));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! fails when an entry with the same MAC, name or IP exists, whatever process
 //! made it. That is what keeps concurrent `create_vm`s from sharing an IP.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use virt::network::Network;
 use virt::sys;
@@ -31,6 +31,8 @@ pub struct NetworkInfo {
     pub dhcp: bool,
     pub dhcp_ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
     pub hosts: Vec<DhcpHost>,
+    /// The host's address and prefix on the first IPv6 `<ip>`, if any.
+    pub ipv6: Option<(Ipv6Addr, u8)>,
 }
 
 /// One `<host>` entry of a network's DHCP section, as libvirt stores it.
@@ -68,7 +70,14 @@ impl NetworkInfo {
             dhcp: false,
             dhcp_ranges: Vec::new(),
             hosts: Vec::new(),
+            ipv6: None,
         };
+        info.ipv6 = root.children_named("ip").find_map(|ip| {
+            let address: Ipv6Addr = ip.attr("address")?.parse().ok()?;
+            // libvirt's default prefix for IPv6 is 64.
+            let prefix = ip.attr("prefix").map_or(Some(64), |p| p.parse().ok())?;
+            (prefix <= 128).then_some((address, prefix))
+        });
         let ipv4 = root.children_named("ip").find(|ip| {
             ip.attr("family").unwrap_or("ipv4") == "ipv4"
                 && ip
@@ -112,6 +121,16 @@ impl NetworkInfo {
                 .collect();
         }
         Ok(info)
+    }
+
+    /// Whether `ip` lies in the network's IPv6 subnet and is not the host's
+    /// own address; true when the network has no IPv6 subnet to check.
+    pub fn usable_ipv6(&self, ip: Ipv6Addr) -> bool {
+        let Some((host, prefix)) = self.ipv6 else {
+            return true;
+        };
+        let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+        ip != host && u128::from(ip) & mask == u128::from(host) & mask
     }
 
     pub fn in_dhcp_range(&self, ip: Ipv4Addr) -> bool {
@@ -324,6 +343,29 @@ impl Libvirt {
         )
     }
 
+    /// Whether the host has a network interface of that name (a bridge, or a
+    /// device for macvtap), as libvirt's interface driver sees it. None when
+    /// the host's libvirt has no interface driver to ask.
+    pub fn host_interface_exists(&self, name: &str) -> Result<Option<bool>> {
+        use virt::error::ErrorNumber;
+        match self.conn().lookup_interface_by_name(name) {
+            Ok(_) => Ok(Some(true)),
+            Err(e)
+                if e.code()
+                    .is_known_and(|c| matches!(c, ErrorNumber::NoInterface)) =>
+            {
+                Ok(Some(false))
+            }
+            Err(e)
+                if e.code()
+                    .is_known_and(|c| matches!(c, ErrorNumber::NoSupport)) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(lv_error(format!("looking up host interface {name}"), e)),
+        }
+    }
+
     /// Every libvirt network's name, for sweeps.
     pub fn network_names(&self) -> Result<Vec<String>> {
         let nets = self
@@ -374,6 +416,11 @@ mod tests {
         .unwrap();
         assert_eq!(p.subnet.unwrap().to_string(), "192.168.8.0/23");
         assert!(netmask_prefix("255.0.255.0").is_err());
+        assert_eq!(info.ipv6, Some(("fd00::1".parse().unwrap(), 64)));
+        assert!(info.usable_ipv6("fd00::10".parse().unwrap()));
+        assert!(!info.usable_ipv6("fd00::1".parse().unwrap()));
+        assert!(!info.usable_ipv6("fd01::10".parse().unwrap()));
+        assert!(bare.usable_ipv6("fd01::10".parse().unwrap()));
     }
 
     #[test]

@@ -358,15 +358,17 @@ impl Row {
     }
 }
 
-/// `known` plus their `.meta` records (and `.tags` when present).
+/// `known` plus their `.meta` records (and `.tags` and `.holder` when
+/// present; never a `.lock`, which the next call on a disk must remove).
 fn with_sidecars(host_vols: &BTreeSet<String>, known: &BTreeSet<String>) -> BTreeSet<String> {
     let mut all = BTreeSet::new();
     for k in known {
         all.insert(k.clone());
         all.insert(format!("{k}.meta"));
-        let tags = format!("{k}.tags");
-        if host_vols.contains(&tags) {
-            all.insert(tags);
+        for sidecar in [format!("{k}.tags"), format!("{k}.holder")] {
+            if host_vols.contains(&sidecar) {
+                all.insert(sidecar);
+            }
         }
     }
     all
@@ -1036,6 +1038,10 @@ fn killed_attach_disk() {
     };
     let (_, full) = host.timed("attach_disk", json!([vm, d]));
     reset();
+    // Attached, the disk's holder record is there too; never a lock.
+    let detached = host.volumes();
+    let mut attached = detached.clone();
+    attached.insert(format!("{d}.holder"));
     let mut at = Moments::new(full);
     for i in 0..KILLS {
         let r = host.kill_after("attach_disk", json!([vm, d]), at.next());
@@ -1052,7 +1058,15 @@ fn killed_attach_disk() {
             ));
         }
         check_disk(host, &mut row, &d, &bytes, &format!("kill {i}"));
+        let vols = host.volumes();
+        if vols != attached {
+            row.leak(format!("kill {i}: attached, the pool holds {vols:?}"));
+        }
         reset();
+        let vols = host.volumes();
+        if vols != detached {
+            row.leak(format!("kill {i}: detached again, the pool holds {vols:?}"));
+        }
     }
     ok(&host.config, "delete_vm", json!([vm]));
     ok(&host.config, "delete_disk", json!([d]));
@@ -1072,6 +1086,8 @@ fn killed_detach_disk() {
     host.virsh_ok(&["destroy", &vm]);
     ok(&host.config, "attach_disk", json!([vm, d]));
     let (_, full) = host.timed("detach_disk", json!([vm, d]));
+    // Detached: no holder record, no lock.
+    let detached = host.volumes();
     let mut at = Moments::new(full);
     for i in 0..KILLS {
         ok(&host.config, "attach_disk", json!([vm, d]));
@@ -1088,6 +1104,10 @@ fn killed_detach_disk() {
         let n = serial_count(&vh.xml(&vm, true), &d);
         if n != 0 {
             row.leak(format!("kill {i}: {d} still in the definition {n} times"));
+        }
+        let vols = host.volumes();
+        if vols != detached {
+            row.leak(format!("kill {i}: detached, the pool holds {vols:?}"));
         }
         check_disk(host, &mut row, &d, &bytes, &format!("kill {i}"));
     }

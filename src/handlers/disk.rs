@@ -298,8 +298,9 @@ const UNRECORDED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 
 /// Best effort, never fails the call: removes disks that killed create_disk
 /// calls left, judged by the host's clock as read from `own` (just made).
-/// A `.tags` sidecar means the director knew the disk (set_disk_metadata
-/// follows create_disk): such a disk is never swept, whatever its record.
+/// A `.tags` or `.holder` sidecar means the director knew the disk
+/// (set_disk_metadata and attach_disk follow create_disk): such a disk is
+/// never swept, whatever its record.
 fn sweep_unrecorded_disks(call: &mut Call, pool: &StoragePool, own: &str) {
     let cfg = call.config;
     let swept = (|| -> Result<Vec<String>> {
@@ -318,6 +319,7 @@ fn sweep_unrecorded_disks(call: &mut Call, pool: &StoragePool, own: &str) {
             if name == own
                 || !cid::is_disk_cid(name)
                 || names.contains(&tags_name(name))
+                || names.contains(&holder::holder_name(name))
                 || !lv.volume_untouched_for(pool, name, UNRECORDED_MAX_AGE_SECS, now)?
                 || lv.has_valid_marker(pool, name)?
             {
@@ -622,8 +624,16 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
         return detach_locked(call, vm_cid, &domain, &r, &pool);
     }
     holder::with_lock(call, &pool, disk_cid, |call| {
-        detach_locked(call, vm_cid, &domain, &r, &pool)?;
-        holder::release_holder(call, &pool, disk_cid, vm_cid)
+        match detach_locked(call, vm_cid, &domain, &r, &pool) {
+            Ok(_) => holder::release_holder(call, &pool, disk_cid, vm_cid),
+            // A detach killed between the device and the record leaves the
+            // record naming this VM: the retry lands here and removes it.
+            Err(e) if e.kind == ErrorKind::DiskNotAttached => {
+                holder::release_holder(call, &pool, disk_cid, vm_cid)?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     })?;
     Ok(Value::Null)
 }

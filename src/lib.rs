@@ -3,6 +3,7 @@
 //! One process per CPI call: `run` turns the raw request bytes into exactly one
 //! response, whatever happens (bad input, bad config, libvirt failure, panic).
 
+pub mod check;
 pub mod cid;
 pub mod config;
 pub mod configdrive;

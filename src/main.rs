@@ -5,6 +5,9 @@
 //! requests are answered in about a millisecond. Requests that need libvirt
 //! are handed, bytes unchanged, to the `cpi-libvirt` executable beside it,
 //! which replaces this process (same pid, same stdout and stderr).
+//!
+//! `cpi check [--json] <config.json>` is the operator's host check
+//! (`libvirt_cpi::check`); it needs libvirt, so it is `cpi-libvirt`'s too.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -16,6 +19,22 @@ use libvirt_cpi::error::CpiError;
 use libvirt_cpi::Front;
 
 fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == "check") {
+        let e = std::env::current_exe().map(|exe| {
+            Command::new(exe.with_file_name("cpi-libvirt"))
+                .args(&args)
+                .exec()
+        });
+        eprintln!(
+            "cpi check: running cpi-libvirt: {}",
+            match e {
+                Ok(e) => e,
+                Err(e) => e,
+            }
+        );
+        return ExitCode::from(2);
+    }
     let config_path = std::env::args_os().nth(1).map(PathBuf::from);
     let mut input = Vec::new();
     let read = std::io::stdin().read_to_end(&mut input).map(|_| ());

@@ -145,7 +145,9 @@ impl Libvirt {
             release_event_loop();
             let hint = connect_hint(e.message(), uri);
             let mut error = lv_error(format!("connecting to libvirt at {uri}"), e);
-            error.message.push_str(&hint);
+            if let Some(hint) = hint {
+                error.message.push_str(&format!(" ({hint})"));
+            }
             error
         })?;
         // Local drivers have no keepalive; a remote one that refuses it still works.
@@ -184,9 +186,9 @@ impl Drop for Libvirt {
 
 /// libvirt's connection failures are terse; say what usually causes them,
 /// for the transport the URI uses.
-fn connect_hint(message: &str, uri: &str) -> String {
+pub fn connect_hint(message: &str, uri: &str) -> Option<String> {
     let Ok(parsed) = LibvirtUri::parse(uri) else {
-        return String::new();
+        return None;
     };
     let port = |default: u16| parsed.port.unwrap_or(default);
     let hint = match parsed.transport {
@@ -226,11 +228,7 @@ fn connect_hint(message: &str, uri: &str) -> String {
         Transport::Ssh => ssh_hint(message, &parsed, port(22)),
         _ => String::new(),
     };
-    if hint.is_empty() {
-        hint
-    } else {
-        format!(" ({hint})")
-    }
+    Some(hint).filter(|h| !h.is_empty())
 }
 
 fn ssh_hint(message: &str, uri: &LibvirtUri, port: u16) -> String {

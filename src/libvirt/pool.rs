@@ -44,7 +44,7 @@ impl Libvirt {
         Ok(pool)
     }
 
-    fn find_pool(&self, name: &str) -> Result<Option<StoragePool>> {
+    pub fn find_pool(&self, name: &str) -> Result<Option<StoragePool>> {
         not_found_as_none(
             self.conn().lookup_storage_pool_by_name(name),
             format!("looking up storage pool {name}"),

@@ -44,14 +44,16 @@
 //! deadlock when a client dies with stream data in flight (every sidecar
 //! record is an upload or a download), which must never hang the shared test
 //! bed; the suite restarts its own libvirtd when that happens and counts it.
-//! Only delete_vm, which streams nothing, runs on the shared test bed (in a
-//! private pool), for its DHCP reservations on the test bed's network. VMs
-//! boot a blank stemcell: firmware only, no guest, nothing writing to disks.
+//! Nothing runs on the shared test bed's libvirtd: the suite's own runs in
+//! its own network namespace too, so delete_vm's VMs get the NAT network and
+//! DHCP reservations of the test-bed config without touching the host's.
+//! VMs boot a blank stemcell: firmware only, no guest, nothing writing to
+//! disks.
 
 mod common;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -72,7 +74,6 @@ struct Host {
     pool: String,
     path: PathBuf,
     lvd: RefCell<Option<PrivateLibvirtd>>,
-    _pool: Option<PrivatePool>,
     restarts: Cell<usize>,
 }
 
@@ -89,23 +90,6 @@ impl Host {
             pool: "fault".into(),
             path: lvd.dir.join("pool"),
             lvd: RefCell::new(Some(lvd)),
-            _pool: None,
-            restarts: Cell::new(0),
-        }
-    }
-
-    /// A private pool on the shared test bed.
-    fn testbed(tag: &str) -> Host {
-        let tb = testbed();
-        let pool = PrivatePool::new(tag);
-        ok(&pool.config, "has_disk", json!(["disk-000000000000000"]));
-        Host {
-            config: pool.config.clone(),
-            uri: tb.uri.clone(),
-            pool: pool.name.clone(),
-            path: pool.path.clone(),
-            lvd: RefCell::new(None),
-            _pool: Some(pool),
             restarts: Cell::new(0),
         }
     }
@@ -950,18 +934,19 @@ fn serial_count(xml: &str, serial: &str) -> usize {
 
 #[test]
 fn killed_delete_vm() {
-    let tb = testbed();
-    let vh = VmHost::new(Host::testbed("f-dvm"));
+    let vh = VmHost::new(Host::storage("f-dvm"));
     let host = &vh.host;
     let mut row = Row::new("delete_vm");
     let (d, bytes) = patterned_disk(host, 21);
-    let ip = free_ip(tb, 231, 250, &HashSet::new());
-    let vm = vh.vm("agent-faults-dvm", Some(&ip));
+    // The suite's libvirtd has the NAT network to itself: fixed IPs, below
+    // the network's DHCP range.
+    let ip_of = |i: usize| format!("10.253.77.{}", 20 + i);
+    let vm = vh.vm("agent-faults-dvm", Some(&ip_of(KILLS)));
     ok(&host.config, "attach_disk", json!([vm, d]));
     let (_, full) = host.timed("delete_vm", json!([vm]));
     let mut at = Moments::new(full);
     for i in 0..KILLS {
-        let ip = free_ip(tb, 231, 250, &HashSet::new());
+        let ip = ip_of(i);
         let vm = vh.vm(&format!("agent-faults-dvm-{i}"), Some(&ip));
         ok(&host.config, "attach_disk", json!([vm, d]));
         let r = host.kill_after("delete_vm", json!([vm]), at.next());
@@ -989,9 +974,10 @@ fn killed_delete_vm() {
         if !vols.is_empty() {
             row.leak(format!("kill {i}: volumes {vols:?}"));
         }
-        let hosts: Vec<_> = dhcp_hosts(tb, &net_name(tb))
-            .into_iter()
-            .filter(|h| h.1 == vm || h.2 == ip)
+        let net = host.virsh_ok(&["net-dumpxml", "cpi-testbed-net"]);
+        let hosts: Vec<&str> = net
+            .lines()
+            .filter(|l| l.contains("<host ") && (l.contains(&vm) || l.contains(&format!("'{ip}'"))))
             .collect();
         if !hosts.is_empty() {
             row.leak(format!("kill {i}: DHCP hosts {hosts:?}"));

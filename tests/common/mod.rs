@@ -134,6 +134,9 @@ pub fn testbed() -> &'static Testbed {
     TB.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         for script in ["ci/testbed", "ci/build-test-stemcells"] {
+            if std::env::var_os("LOCAL_SKIP_UP").is_some() {
+                continue;
+            }
             let mut cmd = Command::new(root.join(script));
             if script == "ci/testbed" {
                 cmd.arg("up");
@@ -547,12 +550,14 @@ impl Lcg {
     }
 }
 
-/// A libvirtd of the test's own for storage-only work: a copy of the binary
-/// under another name (so `ci/testbed` never takes it for a system libvirtd),
-/// in a private mount namespace whose /run/libvirt, /var/lib/libvirt,
-/// /etc/libvirt and /var/cache/libvirt are its own directories, answering on
-/// a unix socket the CPI reaches from outside. Killed
-/// on drop. It can run domains without networks (QEMU, no virtlogd).
+/// A libvirtd of the test's own: a copy of the binary under another name
+/// (so `ci/testbed` never takes it for a system libvirtd), in private mount
+/// and network namespaces (its /run/libvirt, /var/lib/libvirt, /etc/libvirt
+/// and /var/cache/libvirt are its own directories; the networks the CPI
+/// makes there, bridges and dnsmasq included, are invisible to the host),
+/// answering on a unix socket the CPI reaches from outside. It runs domains
+/// (QEMU writes console files itself: no virtlogd). Its domains and networks
+/// are destroyed and it is killed on drop.
 pub struct PrivateLibvirtd {
     pub dir: PathBuf,
     daemon: Option<Child>,
@@ -593,7 +598,7 @@ impl PrivateLibvirtd {
         );
         let _ = std::fs::remove_file(self.dir.join("sock/libvirt-sock"));
         let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .args(["-m", "-n", "--propagation", "private", "sh", "-c", &script])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -672,6 +677,12 @@ impl Drop for PrivateLibvirtd {
             if let Ok(out) = virsh(&["list", "--name"]) {
                 for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                     let _ = virsh(&["destroy", name]);
+                }
+            }
+            // And its networks' dnsmasq processes.
+            if let Ok(out) = virsh(&["net-list", "--name"]) {
+                for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = virsh(&["net-destroy", name]);
                 }
             }
         }

@@ -976,6 +976,7 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
         std::thread::sleep(delay);
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();
+        recover_libvirtd();
         if let Ok(r) = serde_json::from_slice::<Value>(&out.stdout) {
             // It finished before the kill: the director has its CID.
             finished += 1;
@@ -998,7 +999,8 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
         assert_no_domain_for_agent(tb, &agent);
     }
     eprintln!(
-        "create_vm: {KILLS} kills over {full:?}, {finished} had finished, {reclaimed} leftovers reclaimed by the retry"
+        "create_vm: {KILLS} kills over {full:?}, {finished} had finished, {reclaimed} leftovers reclaimed by the retry, {} libvirtd deadlocks survived",
+        libvirtd_restarts()
     );
     // The last kill's leftovers (a domain that never started) go with the
     // next create_vm's sweep, as they would on a real host.

@@ -72,6 +72,13 @@ impl Testbed {
             .to_string()
     }
 
+    /// Makes sure the test bed's pool exists, the way an operator's first
+    /// CPI call makes it (`pool.create`): on a fresh machine nothing has
+    /// touched the pool before the first test that needs it.
+    pub fn pool_in_use(&self) {
+        ok(&self.config, "has_disk", json!(["disk-000000000000000"]));
+    }
+
     /// Names of the volumes in the test bed's pool.
     pub fn volumes(&self) -> Vec<String> {
         let pool = self.pool_name();

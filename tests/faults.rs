@@ -411,46 +411,62 @@ fn stemcell_args() -> Value {
 #[test]
 fn killed_create_stemcell() {
     let host = Host::storage("f-csc");
-    let mut row = Row::new("create_stemcell");
-    let (first, full) = host.timed("create_stemcell", stemcell_args());
+    killed_create(
+        &host,
+        "create_stemcell",
+        stemcell_args,
+        "sc-",
+        "delete_stemcell",
+    );
+}
+
+/// kill -9 of a create method at seeded moments, each followed by the
+/// director's retry (update_stemcell.rb / disk_manager.rb call it again);
+/// then the killed calls' leftovers are swept or complete orphans, every
+/// object the director learned of is complete, and deleting those empties
+/// the pool.
+fn killed_create(
+    host: &Host,
+    method: &'static str,
+    args: impl Fn() -> Value,
+    prefix: &str,
+    delete: &str,
+) {
+    let mut row = Row::new(method);
+    let (first, full) = host.timed(method, args());
     let mut known = BTreeSet::from([first.as_str().unwrap().to_string()]);
     let mut at = Moments::new(full);
     for _ in 0..KILLS {
-        let r = host.kill_after("create_stemcell", stemcell_args(), at.next());
+        let r = host.kill_after(method, args(), at.next());
         row.kills += 1;
         if let Some(cid) = r.as_ref().and_then(|r| r["result"].as_str()) {
             row.finished += 1;
             known.insert(cid.to_string());
         }
-        let retry = ok(&host.config, "create_stemcell", stemcell_args());
+        let retry = ok(&host.config, method, args());
         known.insert(retry.as_str().unwrap().to_string());
     }
     let config = host.config.clone();
     settle_orphans(
-        &host,
+        host,
         &mut row,
         &mut known,
         &BTreeSet::new(),
-        "sc-",
-        || {
-            ok(&config, "create_stemcell", stemcell_args())
-                .as_str()
-                .unwrap()
-                .to_string()
-        },
-        "delete_stemcell",
+        prefix,
+        || ok(&config, method, args()).as_str().unwrap().to_string(),
+        delete,
     );
-    for sc in &known {
-        if !host.complete(sc) {
-            row.leak(format!("known stemcell {sc} is not complete"));
+    for cid in &known {
+        if !host.complete(cid) {
+            row.leak(format!("known {cid} is not complete (no valid record)"));
         }
-        ok(&host.config, "delete_stemcell", json!([sc]));
+        ok(&host.config, delete, json!([cid]));
     }
     let left = host.volumes();
     if !left.is_empty() {
-        row.leak(format!("after deleting every stemcell: {left:?}"));
+        row.leak(format!("after {delete} of every known one: {left:?}"));
     }
-    row.finish(&host);
+    row.finish(host);
 }
 
 #[test]
@@ -583,47 +599,13 @@ fn check_disk(host: &Host, row: &mut Row, disk: &str, bytes: &[u8], when: &str) 
 #[test]
 fn killed_create_disk() {
     let host = Host::storage("f-cd");
-    let mut row = Row::new("create_disk");
-    let args = || json!([DISK_MIB, {}, null]);
-    let (first, full) = host.timed("create_disk", args());
-    let mut known = BTreeSet::from([first.as_str().unwrap().to_string()]);
-    let mut at = Moments::new(full);
-    for _ in 0..KILLS {
-        let r = host.kill_after("create_disk", args(), at.next());
-        row.kills += 1;
-        if let Some(cid) = r.as_ref().and_then(|r| r["result"].as_str()) {
-            row.finished += 1;
-            known.insert(cid.to_string());
-        }
-        let retry = ok(&host.config, "create_disk", args());
-        known.insert(retry.as_str().unwrap().to_string());
-    }
-    let config = host.config.clone();
-    settle_orphans(
+    killed_create(
         &host,
-        &mut row,
-        &mut known,
-        &BTreeSet::new(),
+        "create_disk",
+        || json!([DISK_MIB, {}, null]),
         "disk-",
-        || {
-            ok(&config, "create_disk", args())
-                .as_str()
-                .unwrap()
-                .to_string()
-        },
         "delete_disk",
     );
-    for d in &known {
-        if !host.complete(d) {
-            row.leak(format!("known disk {d} has no valid record"));
-        }
-        ok(&host.config, "delete_disk", json!([d]));
-    }
-    let left = host.volumes();
-    if !left.is_empty() {
-        row.leak(format!("after deleting every disk: {left:?}"));
-    }
-    row.finish(&host);
 }
 
 #[test]

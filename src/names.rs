@@ -22,9 +22,12 @@ pub fn new_stemcell_cid() -> String {
     format!("sc-{}", uuid::Uuid::new_v4())
 }
 
+/// What every persistent disk volume's name starts with.
+pub const DISK_PREFIX: &str = "disk-";
+
 pub fn new_disk_cid() -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string();
-    format!("disk-{}", &hex[..15])
+    format!("{DISK_PREFIX}{}", &hex[..15])
 }
 
 fn is_uuid_cid(cid: &str, prefix: &str) -> bool {
@@ -42,7 +45,7 @@ pub fn is_stemcell_cid(cid: &str) -> bool {
 
 pub fn is_disk_cid(cid: &str) -> bool {
     cid.len() == 20
-        && cid.strip_prefix("disk-").is_some_and(|h| {
+        && cid.strip_prefix(DISK_PREFIX).is_some_and(|h| {
             h.bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
         })

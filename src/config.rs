@@ -153,6 +153,8 @@ impl Config {
         let Value::Object(ref mut object) = file else {
             return Err(CpiError::cloud("config must be a JSON object"));
         };
+        check_sections(object, "config")?;
+        check_sections(context, "request context")?;
         check_context(object, context)?;
         for key in CONFIG_KEYS {
             if let Some(overlay) = context.get(*key) {
@@ -194,6 +196,16 @@ impl Config {
         if self.pool.name.is_empty() || self.network.name.is_empty() {
             return invalid("pool.name and network.name must not be empty".into());
         }
+        // libvirt names go through its C API: a NUL cannot, and a lookup
+        // that fails for it must not read as "no such volume".
+        for (key, name) in [
+            ("pool.name", &self.pool.name),
+            ("network.name", &self.network.name),
+        ] {
+            if name.chars().any(char::is_control) {
+                return invalid(format!("{key} {name:?} holds a control character"));
+            }
+        }
         if self.pool.create {
             match &self.pool.path {
                 Some(p) if p.starts_with('/') => {}
@@ -219,8 +231,20 @@ impl Config {
         let uri = &self.libvirt.uri;
         let skips = LibvirtUri::parse(uri).is_ok_and(|u| u.skips_verification());
         if self.libvirt.insecure_skip_tls_verify && !skips {
-            let sep = if uri.contains('?') { '&' } else { '?' };
-            format!("{uri}{sep}no_verify=1")
+            // Into the query, before any fragment (libvirt ignores a
+            // fragment, so a parameter after `#` would do nothing).
+            let (base, fragment) = match uri.split_once('#') {
+                Some((b, f)) => (b, format!("#{f}")),
+                None => (uri.as_str(), String::new()),
+            };
+            // libvirt splits on ';' only when the query has no '&': an '&'
+            // added to "a=1;b=2" would make "1;b=2" the value of a.
+            let sep = match base.split_once('?') {
+                None => '?',
+                Some((_, q)) if q.contains(';') && !q.contains('&') => ';',
+                Some(_) => '&',
+            };
+            format!("{base}{sep}no_verify=1{fragment}")
         } else {
             uri.clone()
         }
@@ -251,6 +275,28 @@ const FILE_ONLY: &[(&str, &str)] = &[
     ("pool", "create"),
     ("console_log_dir", ""),
 ];
+
+/// The keys whose values are sections (objects of settings).
+const SECTIONS: &[&str] = &["libvirt", "pool", "network", "agent"];
+
+/// A section must be a JSON object, in the file and in a context alike:
+/// serde would also read a struct from an array of its fields in order
+/// (`"libvirt": ["qemu+tls://h/system", "kvm", "q35", true]`), which the
+/// key-by-key checks of a context would not see.
+fn check_sections(object: &Map<String, Value>, whose: &str) -> Result<()> {
+    for key in SECTIONS {
+        match object.get(*key) {
+            None | Some(Value::Object(_)) => {}
+            Some(other) => {
+                return Err(CpiError::cloud(format!(
+                    "invalid {whose}: '{key}' must be an object, got {}",
+                    crate::envelope::json_type(other)
+                )))
+            }
+        }
+    }
+    Ok(())
+}
 
 fn check_context(file: &Map<String, Value>, context: &Map<String, Value>) -> Result<()> {
     let refuse = |what: String| {
@@ -297,7 +343,11 @@ fn check_context(file: &Map<String, Value>, context: &Map<String, Value>) -> Res
             wanted.transport.as_str(),
             base.transport.as_str()
         )),
-        None => Ok(()), // the file's own URI is judged by validate()
+        // Replaced, the file's own URI would never be judged: without it
+        // there is nothing to hold the context's transport to.
+        None => Err(CpiError::cloud(
+            "invalid request context: it sets libvirt.uri, but the config file has no valid libvirt.uri to compare it with",
+        )),
     }
 }
 
@@ -485,6 +535,14 @@ pub(crate) mod tests {
                 "{ctx}: {e}"
             );
         }
+        // A file URI that does not parse cannot be replaced by a context's.
+        let mut broken = file.clone();
+        broken["libvirt"]["uri"] = json!("qemu+tls:/%zz/system");
+        let ctx = json!({"libvirt": {"uri": "qemu+tcp://kvm-2/system"}});
+        let e = Config::from_value(broken, ctx.as_object().unwrap())
+            .unwrap_err()
+            .message;
+        assert!(e.contains("no valid libvirt.uri to compare"), "{e}");
         // Another host over the same transport, its own pool and network: fine.
         let ctx = json!({"libvirt": {"uri": "qemu+tls://kvm-2/system?pkipath=/q"},
                          "pool": {"name": "p2"}, "network": {"name": "n2"}});
@@ -492,6 +550,37 @@ pub(crate) mod tests {
         assert_eq!(
             (c.pool.name.as_str(), c.network.name.as_str()),
             ("p2", "n2")
+        );
+    }
+
+    #[test]
+    fn sections_must_be_objects_in_the_file_and_in_a_context() {
+        let mut file = sample();
+        file["libvirt"]["uri"] = json!("qemu+tls://kvm-1/system?pkipath=/p");
+        // Field order of the structs: a context that could otherwise turn
+        // verification off, switch the transport or place a pool anywhere.
+        for ctx in [
+            json!({"libvirt": ["qemu+tcp://kvm-2/system", "kvm", "q35", true]}),
+            json!({"libvirt": ["qemu+tls://kvm-2/system?no_verify=1"]}),
+            json!({"pool": ["p", "/etc", true]}),
+            json!({"network": ["n", "10.9.0.0/24"]}),
+            json!({"agent": "nats://x"}),
+            json!({"pool": null}),
+        ] {
+            let e = Config::from_value(file.clone(), ctx.as_object().unwrap()).unwrap_err();
+            assert!(
+                e.message.contains("invalid request context")
+                    && e.message.contains("must be an object"),
+                "{ctx}: {}",
+                e.message
+            );
+        }
+        let mut v = sample();
+        v["pool"] = json!(["bosh", "/var/lib/bosh-pool", true]);
+        let e = load(v).unwrap_err().message;
+        assert!(
+            e.contains("invalid config: 'pool' must be an object, got an array"),
+            "{e}"
         );
     }
 
@@ -517,10 +606,23 @@ pub(crate) mod tests {
         v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p");
         v["libvirt"]["insecure_skip_tls_verify"] = json!(true);
         assert_eq!(
-            load(v).unwrap().libvirt_uri(),
+            load(v.clone()).unwrap().libvirt_uri(),
             "qemu+tls://h/system?pkipath=/p&no_verify=1"
         );
         assert_eq!(load(sample()).unwrap().libvirt_uri(), "test:///default");
+        v["libvirt"]["uri"] = json!("qemu+tls://h/system?pkipath=/p;mode=direct");
+        let uri = load(v.clone()).unwrap().libvirt_uri();
+        assert_eq!(
+            uri,
+            "qemu+tls://h/system?pkipath=/p;mode=direct;no_verify=1"
+        );
+        let params = LibvirtUri::parse(&uri).unwrap().params;
+        assert_eq!(params[0], ("pkipath".into(), "/p".into()));
+        v["libvirt"]["uri"] = json!("qemu+tls://h/system#f");
+        assert_eq!(
+            load(v).unwrap().libvirt_uri(),
+            "qemu+tls://h/system?no_verify=1#f"
+        );
     }
 
     #[test]
@@ -583,6 +685,12 @@ pub(crate) mod tests {
             .unwrap_err()
             .message
             .contains("pool.create needs pool.path"));
+        for key in ["pool", "network"] {
+            let mut v = sample();
+            v[key]["name"] = json!("a\u{0}b");
+            let e = load(v).unwrap_err().message;
+            assert!(e.contains("holds a control character"), "{e}");
+        }
         let mut v = sample();
         v["network"]["subnet"] = json!("10.0.0.0/33");
         assert!(load(v).unwrap_err().message.contains("network.subnet"));

@@ -5,8 +5,11 @@
 //! A qcow2 image is refused when QEMU would read anything but the image itself
 //! (a backing file, an external data file), when it cannot be used without a
 //! key (encryption), when it carries an incompatible feature we do not know,
-//! and when its header or tables point past the end of the image (truncated
-//! or corrupt). The header checks need only the first cluster, so they run
+//! internal snapshots or persistent bitmaps (a stemcell is one plain disk),
+//! when a table is not cluster-aligned (QEMU would not open it) and when its
+//! header or tables point past the end of the image (truncated or corrupt).
+//! Raw is what is left: never a compressed file or an archive, always whole
+//! 512-byte sectors. The header checks need only the first cluster, so they run
 //! before any volume exists; `Qcow2Walk` checks the L1 and L2 tables while the
 //! bytes stream past on their way to libvirt.
 
@@ -82,6 +85,18 @@ pub fn inspect(prefix: &[u8], image_size: u64) -> Result<RootImage, String> {
             "root.img is a {other} image; only qcow2 and raw stemcells are supported"
         ));
     }
+    if let Some(other) = packed_format(prefix) {
+        return Err(format!(
+            "root.img is {other}, not a disk image; unpack it first (only qcow2 and raw stemcells are supported)"
+        ));
+    }
+    // Whatever else a file is, a disk is whole sectors: this catches what
+    // has no magic number to tell (a tar cut inside its first header, text).
+    if !image_size.is_multiple_of(512) {
+        return Err(format!(
+            "root.img is neither qcow2 nor a raw disk image: {image_size} bytes is not a whole number of 512-byte sectors (a truncated or compressed file?)"
+        ));
+    }
     Ok(RootImage {
         format: DiskFormat::Raw,
         image_size,
@@ -119,6 +134,30 @@ fn foreign_format(p: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// Compressed files and archives, which become raw stemcells holding
+/// garbage if taken for disks (`disk_format` absent lets the bytes decide).
+/// Magic numbers from each format's specification.
+fn packed_format(p: &[u8]) -> Option<&'static str> {
+    let at = |off: usize, magic: &[u8]| p.get(off..off + magic.len()) == Some(magic);
+    if at(0, &[0x1f, 0x8b]) {
+        Some("gzip-compressed")
+    } else if at(0, b"BZh") && p.get(3).is_some_and(|d| (b'1'..=b'9').contains(d)) {
+        Some("bzip2-compressed")
+    } else if at(0, b"\xfd7zXZ\x00") {
+        Some("xz-compressed")
+    } else if at(0, &[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some("zstd-compressed")
+    } else if at(0, b"PK\x03\x04") || at(0, b"PK\x05\x06") {
+        Some("a zip archive")
+    } else if at(0, b"7z\xbc\xaf\x27\x1c") {
+        Some("a 7-zip archive")
+    } else if at(257, b"ustar") {
+        Some("a tar archive")
+    } else {
+        None
+    }
+}
+
 /// Incompatible feature bits (qcow2 spec, "incompatible_features").
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -131,6 +170,8 @@ const INCOMPAT_KNOWN_SAFE: u64 = INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 const EXT_END: u32 = 0;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Persistent dirty bitmaps (QCOW2_EXT_MAGIC_BITMAPS in QEMU's block/qcow2.c).
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// Host offsets in L1/L2 entries (bits 9..55).
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -277,26 +318,43 @@ impl Qcow2Header {
                 "qcow2 image uses unknown incompatible features (bits {unknown:#x})"
             ));
         }
-        if version == 3 && header_length > 104 {
-            let compression_type = p.get(104).copied().unwrap_or(0);
-            if compression_type > 1 {
-                return Err(format!(
-                    "qcow2 image uses unknown compression type {compression_type}"
-                ));
-            }
-            if compression_type != 0 && incompatible_features & INCOMPAT_COMPRESSION == 0 {
-                return Err(corrupt(
-                    "compression type set without its feature bit".into(),
-                ));
-            }
+        // The compression type and its feature bit go together both ways
+        // (QEMU's validate_compression_type): zlib, the default when the
+        // header has no such field, with the bit set is refused too.
+        let compression_type = if version == 3 && header_length > 104 {
+            p.get(104).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        if compression_type > 1 {
+            return Err(format!(
+                "qcow2 image uses unknown compression type {compression_type}"
+            ));
+        }
+        if (compression_type != 0) != (incompatible_features & INCOMPAT_COMPRESSION != 0) {
+            return Err(corrupt(
+                "compression type and its incompatible feature bit disagree".into(),
+            ));
+        }
+        // Extended L2 entries split a cluster in 32 subclusters, which QEMU
+        // wants to be at least 512 bytes ("Unsupported subcluster size").
+        if incompatible_features & INCOMPAT_EXTL2 != 0 && cluster_bits < 14 {
+            return Err(corrupt(format!(
+                "extended L2 entries with {cluster_size}-byte clusters (subclusters under 512 bytes)"
+            )));
         }
         check_extensions(p, header_length as usize, cluster_size, image_size)?;
 
         if refcount_order > 6 {
             return Err(corrupt(format!("refcount_order {refcount_order}")));
         }
-        if size == 0 {
-            return Err(corrupt("virtual size is 0".into()));
+        // QEMU sees whole sectors only (total_sectors = size / 512 in
+        // qcow2_do_open) and qemu-img only makes such sizes: anything else
+        // is hand-made, and the volume would claim more than the guest gets.
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(corrupt(format!(
+                "virtual size {size} is not a positive whole number of 512-byte sectors"
+            )));
         }
         let header = Qcow2Header {
             version,
@@ -337,6 +395,27 @@ impl Qcow2Header {
                 )),
             }
         };
+        // QEMU's qcow2_do_open checks every table with qcow2_validate_table
+        // (block/qcow2.c), which wants a cluster-aligned offset even for a
+        // table of no entries: an image that breaks this, QEMU cannot open.
+        // It also wants offset + size to fit in an int64_t.
+        let qemu_valid = |what: &str, offset: u64, bytes: u64| -> Result<(), String> {
+            if offset > (i64::MAX as u64).saturating_sub(bytes) {
+                Err(corrupt(format!("{what} offset {offset} is invalid")))
+            } else if offset.is_multiple_of(cluster_size) {
+                Ok(())
+            } else {
+                Err(corrupt(format!(
+                    "{what} at offset {offset} is not cluster-aligned"
+                )))
+            }
+        };
+        qemu_valid("L1 table", l1_table_offset, l1_bytes)?;
+        qemu_valid(
+            "snapshot table",
+            snapshots_offset,
+            u64::from(nb_snapshots) * 40,
+        )?;
         if l1_size > 0 {
             within("L1 table", l1_table_offset, l1_bytes)?;
         }
@@ -348,28 +427,45 @@ impl Qcow2Header {
             refcount_table_offset,
             u64::from(refcount_table_clusters) * cluster_size,
         )?;
+        // Internal snapshots are other disk states (and maybe a VM's memory)
+        // riding along in the stemcell, which every VM's overlay would carry
+        // and QEMU could be asked to revert to: a stemcell is one disk.
         if nb_snapshots > 0 {
-            within("snapshot table", snapshots_offset, 1)?;
+            return Err(format!(
+                "qcow2 image holds {nb_snapshots} internal snapshot(s): a stemcell must be a single disk state (remove them with qemu-img snapshot -d, or qemu-img convert the image)"
+            ));
         }
         Ok(header)
     }
 }
 
-/// Walks the header extensions (from the end of the header to the end of the
-/// first cluster, as QEMU does).
+/// Walks the header extensions from the end of the header to the end of the
+/// first cluster, as QEMU's qcow2_read_extensions (block/qcow2.c) does: an
+/// extension whose length runs past the first cluster makes QEMU refuse the
+/// image ("Header extension too large"), so it is refused here too. Past the
+/// end of a small file QEMU reads zeros, which end the list.
 fn check_extensions(
     p: &[u8],
     mut at: usize,
     cluster_size: u64,
     image_size: u64,
 ) -> Result<(), String> {
-    let end = usize::try_from(cluster_size.min(image_size)).unwrap_or(usize::MAX);
-    while at + 8 <= end {
+    let end = usize::try_from(cluster_size).unwrap_or(usize::MAX);
+    while at < end {
+        if at as u64 >= image_size {
+            return Ok(());
+        }
         if at + 8 > p.len() {
             return Err("truncated qcow2 image: header extensions cut off".into());
         }
         let kind = be32(p, at);
         let len = be32(p, at + 4) as usize;
+        at += 8;
+        if at > end || len > end - at {
+            return Err(format!(
+                "corrupt qcow2 image: header extension {kind:#x} of {len} bytes runs past the first cluster"
+            ));
+        }
         match kind {
             EXT_END => return Ok(()),
             EXT_CRYPTO => {
@@ -378,9 +474,18 @@ fn check_extensions(
                         .into(),
                 )
             }
+            // Bitmaps belong to one disk's history of writes; opened as a
+            // read-only backing file QEMU cannot keep them consistent (it
+            // wants to rewrite the header), and they mean nothing to a new VM.
+            EXT_BITMAPS => {
+                return Err(
+                    "qcow2 image carries persistent dirty bitmaps: a stemcell must be a plain disk image (remove them with qemu-img bitmap --remove, or qemu-img convert the image)"
+                        .into(),
+                )
+            }
             EXT_DATA_FILE => {
                 let name = p
-                    .get(at + 8..at + 8 + len)
+                    .get(at..at + len)
                     .map(|b| format!(" '{}'", String::from_utf8_lossy(b)))
                     .unwrap_or_default();
                 return Err(format!(
@@ -389,12 +494,7 @@ fn check_extensions(
             }
             _ => {}
         }
-        at = at
-            .checked_add(8 + len.div_ceil(8) * 8)
-            .ok_or("corrupt qcow2 image: header extension length overflows")?;
-    }
-    if at > end {
-        return Err("corrupt qcow2 image: header extensions run past the first cluster".into());
+        at += len.div_ceil(8) * 8;
     }
     Ok(())
 }
@@ -682,7 +782,10 @@ mod tests {
             .contains("unknown incompatible features (bits 0x100000)"));
         let mut h = v3();
         h[72..80].copy_from_slice(&(INCOMPAT_EXTL2 | INCOMPAT_COMPRESSION).to_be_bytes());
+        h[104] = 1; // zstd
         check(&h).unwrap();
+        h[104] = 0; // zlib with the bit set: QEMU refuses that
+        assert!(check(&h).unwrap_err().contains("disagree"));
         for bit in [INCOMPAT_DIRTY, INCOMPAT_CORRUPT] {
             let mut h = v3();
             h[72..80].copy_from_slice(&bit.to_be_bytes());
@@ -705,6 +808,98 @@ mod tests {
         let mut bad = v3();
         bad[24..32].copy_from_slice(&(1u64 << 40).to_be_bytes());
         assert!(check(&bad).unwrap_err().contains("too small"));
+    }
+
+    #[test]
+    fn tables_must_be_cluster_aligned_even_when_empty_as_qemu_requires() {
+        // A snapshot table offset QEMU's qcow2_validate_table refuses, with
+        // no snapshots at all.
+        let mut h = v3();
+        h[64..72].copy_from_slice(&1000u64.to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(
+            e.contains("snapshot table at offset 1000 is not cluster-aligned"),
+            "{e}"
+        );
+    }
+
+    /// Found by tests/fuzz.rs: images this module accepted and `qemu-img
+    /// info` cannot open ("Header extension too large"), or sees smaller.
+    #[test]
+    fn what_qemu_would_not_open_as_declared_is_refused() {
+        // Even the end-of-extensions marker: QEMU checks every extension's
+        // length before it looks at the type.
+        for kind in [EXT_END, 0x1234_5678] {
+            let mut h = v3();
+            h[112..116].copy_from_slice(&kind.to_be_bytes());
+            h[116..120].copy_from_slice(&131_072u32.to_be_bytes());
+            let e = check(&h).unwrap_err();
+            assert!(e.contains("runs past the first cluster"), "{e}");
+        }
+        // A snapshot table (of no snapshots) at an offset past int64_t.
+        let mut h = v3();
+        h[64..72].copy_from_slice(&(1u64 << 63).to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(
+            e.contains("snapshot table offset 9223372036854775808 is invalid"),
+            "{e}"
+        );
+        let mut h = v3();
+        h[24..32].copy_from_slice(&((1u64 << 20) - 2).to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(
+            e.contains("not a positive whole number of 512-byte sectors"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn internal_snapshots_and_bitmaps_are_refused() {
+        let mut h = v3();
+        h[60..64].copy_from_slice(&1u32.to_be_bytes());
+        h[64..72].copy_from_slice(&(2u64 * 65536).to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(e.contains("1 internal snapshot"), "{e}");
+        let mut h = v3();
+        h[88..96].copy_from_slice(&1u64.to_be_bytes());
+        h[112..116].copy_from_slice(&EXT_BITMAPS.to_be_bytes());
+        h[116..120].copy_from_slice(&24u32.to_be_bytes());
+        let e = check(&h).unwrap_err();
+        assert!(e.contains("persistent dirty bitmaps"), "{e}");
+    }
+
+    #[test]
+    fn compressed_and_archived_files_are_not_raw() {
+        let sector_multiple = |magic: &[u8], at: usize| {
+            let mut v = vec![7u8; 8192];
+            v[at..at + magic.len()].copy_from_slice(magic);
+            v
+        };
+        for (magic, at, what) in [
+            (&b"BZh91AY&SY"[..], 0, "bzip2"),
+            (b"\xfd7zXZ\x00\x00", 0, "xz"),
+            (b"PK\x03\x04", 0, "zip"),
+            (&[0x28, 0xb5, 0x2f, 0xfd], 0, "zstd"),
+            (&[0x1f, 0x8b, 8], 0, "gzip"),
+            (b"ustar\x0000", 257, "tar"),
+        ] {
+            let e = check(&sector_multiple(magic, at)).unwrap_err();
+            assert!(
+                e.contains(what) && e.contains("unpack it first"),
+                "{what}: {e}"
+            );
+        }
+        // A tar cut inside its first header has no magic to see; nor does
+        // a text file. Neither is a whole number of sectors.
+        let mut cut_tar = b"root.img".to_vec();
+        cut_tar.resize(300, 0);
+        let e = check(&cut_tar).unwrap_err();
+        assert!(e.contains("not a whole number of 512-byte sectors"), "{e}");
+        // An MBR boot sector is fine.
+        let mut disk = vec![0u8; 1 << 20];
+        disk[..3].copy_from_slice(&[0xeb, 0x63, 0x90]);
+        disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+        assert_eq!(check(&disk).unwrap().format, DiskFormat::Raw);
     }
 
     #[test]

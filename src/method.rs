@@ -155,7 +155,7 @@ impl Method {
                 a.expect(&["vm_cid", "metadata"])?;
                 Method::SetVmMetadata {
                     vm_cid: a.string(0, "vm_cid")?,
-                    metadata: a.object(1, "metadata")?,
+                    metadata: a.metadata(1)?,
                 }
             }
             "calculate_vm_cloud_properties" => {
@@ -234,14 +234,14 @@ impl Method {
                 a.expect(&["disk_cid", "metadata"])?;
                 Method::SetDiskMetadata {
                     disk_cid: a.string(0, "disk_cid")?,
-                    metadata: a.object(1, "metadata")?,
+                    metadata: a.metadata(1)?,
                 }
             }
             "snapshot_disk" => {
                 a.expect(&["disk_cid", "metadata"])?;
                 Method::SnapshotDisk {
                     disk_cid: a.string(0, "disk_cid")?,
-                    metadata: a.object_or_empty(1, "metadata")?,
+                    metadata: a.metadata_or_empty(1)?,
                 }
             }
             "delete_snapshot" => {
@@ -319,10 +319,33 @@ impl Args<'_> {
         }
     }
 
-    fn object_or_empty(&self, i: usize, name: &str) -> Result<Object> {
+    /// Metadata ends up in libvirt's XML (a VM's `<metadata>`), which cannot
+    /// hold every character: XML 1.0 allows no control characters but tab,
+    /// newline and carriage return, no surrogates and not U+FFFE/U+FFFF (and
+    /// a NUL cannot even reach libvirt's C API). Refused here with the key it
+    /// is in, for every metadata argument alike.
+    fn metadata(&self, i: usize) -> Result<Object> {
+        let metadata = self.object(i, "metadata")?;
+        for (key, value) in &metadata {
+            let bad = std::iter::once(key.as_str())
+                .chain(strings_in(value))
+                .find_map(|s| s.chars().find(|&c| !is_xml_char(c)));
+            if let Some(c) = bad {
+                return Err(self.error(format!(
+                    "argument {} (metadata) key '{}' holds the character U+{:04X}, which metadata cannot carry (no control characters but tab, newline and carriage return)",
+                    i + 1,
+                    key.escape_debug(),
+                    u32::from(c)
+                )));
+            }
+        }
+        Ok(metadata)
+    }
+
+    fn metadata_or_empty(&self, i: usize) -> Result<Object> {
         match self.get(i) {
             Value::Null => Ok(Object::new()),
-            _ => self.object(i, name),
+            _ => self.metadata(i),
         }
     }
 
@@ -354,6 +377,24 @@ impl Args<'_> {
             _ => Err(self.type_error(i, name, "a positive integer (MiB)")),
         }
     }
+}
+
+/// Every string in `v`, keys included, at any depth.
+fn strings_in(v: &Value) -> Box<dyn Iterator<Item = &str> + '_> {
+    match v {
+        Value::String(s) => Box::new(std::iter::once(s.as_str())),
+        Value::Array(items) => Box::new(items.iter().flat_map(strings_in)),
+        Value::Object(o) => Box::new(
+            o.iter()
+                .flat_map(|(k, v)| std::iter::once(k.as_str()).chain(strings_in(v))),
+        ),
+        _ => Box::new(std::iter::empty()),
+    }
+}
+
+/// XML 1.0's `Char` production (a Rust `char` is never a surrogate).
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
 #[cfg(test)]
@@ -427,6 +468,35 @@ mod tests {
         };
         assert_eq!(got, env);
         assert!(disk_cids.is_empty());
+    }
+
+    #[test]
+    fn metadata_xml_cannot_hold_is_refused_with_its_key() {
+        for (method, cid) in [
+            ("set_vm_metadata", "vm-1"),
+            ("set_disk_metadata", "disk-1"),
+            ("snapshot_disk", "disk-1"),
+        ] {
+            for md in [
+                json!({"name": "a\u{0}b"}),
+                json!({"name": "bell\u{7}"}),
+                json!({"na\u{1}me": "x"}),
+                json!({"name": ["\u{fffe}"]}),
+            ] {
+                let e = parse(method, json!([cid, md])).unwrap_err();
+                assert_eq!(e.kind, ErrorKind::CpiError, "{method} {md}");
+                assert!(
+                    e.message.contains("(metadata) key '") && e.message.contains("U+"),
+                    "{method} {md}: {}",
+                    e.message
+                );
+            }
+            parse(
+                method,
+                json!([cid, {"name": "tab\tnew\nline é 💾", "n": 3}]),
+            )
+            .unwrap();
+        }
     }
 
     #[test]

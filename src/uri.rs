@@ -1,7 +1,10 @@
 //! libvirt connection URIs, read the way libvirt reads them, so that a check
 //! on a URI sees what libvirt will act on: `driver[+transport]://[user@]host
-//! [:port]/path?name=value&...`, parameters split on `&` and `;`, names and
-//! values percent-decoded (libvirt's `virURIParseParams`), names compared
+//! [:port]/path?name=value&...#fragment`. libvirt (`virURIParse` in
+//! src/util/viruri.c) hands the string to libxml2's `xmlParseURI`, which
+//! refuses characters RFC 3986 does not allow and ends the query at the first
+//! `#`; `virURIParseParams` then splits the query on `&`, or on `;` only when
+//! no `&` is left, names and values percent-decoded; names are compared
 //! without case (the remote driver's `STRCASEEQ` in `doRemoteOpen`), and a
 //! `no_verify` value read as an integer where anything but 0 turns
 //! verification off (`no_verify=2`, `01`, `+1` and `-1` all do).
@@ -51,6 +54,7 @@ pub struct LibvirtUri {
 
 impl LibvirtUri {
     pub fn parse(uri: &str) -> Result<LibvirtUri, String> {
+        check_characters(uri)?;
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| format!("'{uri}' is not a libvirt URI (driver[+transport]://...)"))?;
@@ -77,14 +81,7 @@ impl LibvirtUri {
             Some("ext") => Transport::Ext,
             Some(other) => return Err(format!("unknown libvirt transport '{other}' in '{uri}'")),
         };
-        let params = query
-            .split(['&', ';'])
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (name, value) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(name), percent_decode(value))
-            })
-            .collect();
+        let params = query_params(query);
         Ok(LibvirtUri {
             transport,
             transport_name: transport_name.unwrap_or_default(),
@@ -127,6 +124,85 @@ impl LibvirtUri {
     pub fn runs_ssh_binary(&self) -> bool {
         self.transport == Transport::Ssh && self.transport_name == "ssh"
     }
+}
+
+/// The query's parameters as libvirt's `virURIParseParams` finds them: the
+/// next segment ends at the next `&`, or at the next `;` only when no `&`
+/// follows (so `a=1;no_verify=1&b=2` is `a` = `1;no_verify=1`, then `b`);
+/// the name ends at the segment's first `=`; `=value` is ignored.
+fn query_params(query: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let mut rest = query;
+    while !rest.is_empty() {
+        let end = rest
+            .find('&')
+            .or_else(|| rest.find(';'))
+            .unwrap_or(rest.len());
+        let segment = &rest[..end];
+        match segment.split_once('=') {
+            Some(("", _)) => {}
+            Some((name, value)) => params.push((percent_decode(name), percent_decode(value))),
+            None if segment.is_empty() => {}
+            None => params.push((percent_decode(segment), String::new())),
+        }
+        rest = rest.get(end + 1..).unwrap_or("");
+    }
+    params
+}
+
+/// What libxml2's URI parser refuses, refused here too, so that a URI this
+/// module accepts is one libvirt reads the same way (checked against
+/// libvirt 11 with virsh: `Unable to parse URI`): a byte RFC 3986 does not
+/// allow (space, `|`, `"`, `<`, `>`, `\\`, `^`, backquote, `{`, `}`, control
+/// characters, non-ASCII), a `%` not followed by two hex digits, a second `#`.
+fn check_characters(uri: &str) -> Result<(), String> {
+    let b = uri.as_bytes();
+    let refuse = |why: String| {
+        Err(format!(
+            "libvirt cannot parse the URI '{}': {why}",
+            uri.escape_debug()
+        ))
+    };
+    for (i, &c) in b.iter().enumerate() {
+        let allowed = c.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&c);
+        if !allowed {
+            return refuse(format!(
+                "character {:?} at byte {i} is not allowed in a URI (percent-encode it)",
+                char::from(c)
+            ));
+        }
+        if c == b'%'
+            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        {
+            return refuse(format!("'%' at byte {i} is not followed by two hex digits"));
+        }
+    }
+    if b.iter().filter(|&&c| c == b'#').count() > 1 {
+        return refuse("more than one '#'".into());
+    }
+    // Brackets belong around an IPv6 host and may appear in the fragment;
+    // nowhere else (RFC 3986's path and query characters exclude them).
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Ok(()); // not a libvirt URI at all: parse() says so
+    };
+    if !scheme
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c))
+        || !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+    {
+        return refuse(format!("'{scheme}' is not a URI scheme"));
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let fragment_start = rest.find('#').unwrap_or(rest.len());
+    if let Some(at) = rest[authority_end..fragment_start].find(['[', ']']) {
+        return refuse(format!(
+            "'{}' at byte {} is only allowed around an IPv6 host",
+            &rest[authority_end + at..authority_end + at + 1],
+            scheme.len() + 3 + authority_end + at
+        ));
+    }
+    Ok(())
 }
 
 /// `%XX` sequences decoded; anything else (a lone `%`, `+`) kept as it is.
@@ -193,7 +269,7 @@ mod tests {
             "no_verify=%31",
             "pkipath=/p;no_verify=1",
             "no_verify=0&no_verify=1",
-            "no_verify= 1",
+            "no_verify=%20%2B1",
             "no_verify",
         ] {
             assert!(skips(&format!("qemu+tls://h/system?{q}")), "{q}");
@@ -206,6 +282,47 @@ mod tests {
             "xno_verify=1",
         ] {
             assert!(!skips(&format!("qemu+tls://h/system?{q}")), "{q}");
+        }
+    }
+
+    /// Each case checked with `virsh -c 'qemu+tls://localhost/system?pkipath=...&CASE' uri`
+    /// against libvirt 11.3, where a `no_verify=x` libvirt reads fails with
+    /// "Failed to parse value of URI component no_verify".
+    #[test]
+    fn parameters_and_fragments_are_split_as_libvirt_splits_them() {
+        let names = |q: &str| -> Vec<String> {
+            LibvirtUri::parse(&format!("qemu+tls://h/system?{q}"))
+                .unwrap()
+                .params
+                .into_iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect()
+        };
+        assert_eq!(names("a=1;no_verify=x"), ["a=1", "no_verify=x"]);
+        assert_eq!(
+            names("p=/p&x=1;no_verify=x"),
+            ["p=/p", "x=1", "no_verify=x"]
+        );
+        assert_eq!(names("a=1;no_verify=1&b=2"), ["a=1;no_verify=1", "b=2"]);
+        assert_eq!(names("=v&&n&m="), ["n=", "m="]);
+        assert_eq!(names("p=/p#&no_verify=x"), ["p=/p"]);
+        assert!(!skips("qemu+tls://h/system?p=/p#&no_verify=1"));
+        assert!(!skips("qemu+tls://h/system#?no_verify=1"));
+        assert!(!skips("qemu+tls://h/system?a=1;no_verify=1&b=2"));
+        assert!(skips("qemu+tls://h/system?a=1&b=2;no_verify=1"));
+        for bad in [
+            "qemu+tls://h/system?a=%ZZ&no_verify=1",
+            "qemu+tls://h/system?a=b c",
+            "qemu+tls://h/system?a=b|c",
+            "qemu+tls://h/system?p#frag#x&no_verify=1",
+            "qemu+tls://h/system?a=\u{e9}",
+            "qemu+tls://h/system?a=%2",
+            "qemu+tls://h/system?pkipath=/p[",
+            "qemu+tls://h/sys]tem",
+            "qe%6Du+tls://h/system",
+        ] {
+            let e = LibvirtUri::parse(bad).unwrap_err();
+            assert!(e.contains("libvirt cannot parse the URI"), "{bad}: {e}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! create_stemcell / delete_stemcell through the built binary against the TLS
 //! test bed: both test stemcells imported and checked byte for byte in
 //! libvirt, every hostile image class refused with no volume left, a kill -9
-//! mid-upload leaving nothing usable (and swept), concurrent imports and
+//! mid-upload leaving nothing usable (and swept), files that are not plain
+//! disks refused when no disk_format is named, concurrent imports and
 //! concurrent pool creation, delete idempotence, and the in-use refusal.
 //!
 //! Tests that count volumes use a private pool of their own (a config
@@ -387,6 +388,126 @@ fn hostile_images_are_refused_and_leave_no_volume() {
         assert!(
             message.contains(expect),
             "{what}: expected '{expect}' in: {message}"
+        );
+        assert_eq!(
+            pool.volumes(),
+            Vec::<String>::new(),
+            "{what} left a volume behind"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 11 item 8, through the binary with no `disk_format` (the bytes
+/// decide): compressed files and a tar cut inside its first header became
+/// raw stemcells; qcow2 images QEMU will not open or should not carry
+/// (a misaligned snapshot-table offset with no snapshots, an internal
+/// snapshot, a persistent bitmap; all made by qemu-img itself) were
+/// imported. Each is refused as a CloudError and leaves no volume.
+#[test]
+fn images_that_are_not_plain_disks_are_refused_without_disk_format() {
+    let pool = PrivatePool::new("notdisk");
+    let dir = scratch_dir("notdisk");
+    let d = |n: &str| dir.join(n);
+    let qemu_img = |args: &[&str]| {
+        Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("running qemu-img")
+    };
+
+    // A small raw disk: an MBR boot sector signature in 1 MiB.
+    let mut disk = vec![0u8; MIB as usize];
+    disk[..3].copy_from_slice(&[0xeb, 0x63, 0x90]);
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(d("disk.raw"), &disk).unwrap();
+    let mut cases: Vec<(&str, PathBuf, &str)> = Vec::new();
+    for (what, tool, args, ext) in [
+        ("bzip2", "bzip2", &["-kc"][..], "bz2"),
+        ("xz", "xz", &["-kc"][..], "xz"),
+        ("zstd", "zstd", &["-qc"][..], "zst"),
+    ] {
+        let out = Command::new(tool)
+            .args(args)
+            .arg(d("disk.raw"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tool}");
+        let packed = d(&format!("disk.{ext}"));
+        std::fs::write(&packed, &out.stdout).unwrap();
+        cases.push((what, packed.clone(), "-compressed, not a disk image"));
+        cases.push((
+            what,
+            image_tgz(&dir, &packed),
+            "-compressed, not a disk image",
+        ));
+    }
+    run(Command::new("zip")
+        .current_dir(&dir)
+        .args(["-q", "disk.zip", "disk.raw"]));
+    cases.push(("zip", d("disk.zip"), "a zip archive"));
+    let mut t = tar::Builder::new(Vec::new());
+    t.append_path_with_name(d("disk.raw"), "root.img").unwrap();
+    let tar_bytes = t.into_inner().unwrap();
+    std::fs::write(d("cut-in-header.tar"), &tar_bytes[..200]).unwrap();
+    cases.push((
+        "tar cut in its header",
+        d("cut-in-header.tar"),
+        "512-byte sectors",
+    ));
+
+    // qcow2: qemu-img makes them; the first one QEMU itself cannot open.
+    let make = |name: &str| {
+        let path = d(name);
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"])
+                .status
+                .success()
+        );
+        path
+    };
+    let misaligned = make("misaligned.qcow2");
+    let mut bytes = std::fs::read(&misaligned).unwrap();
+    bytes[64..72].copy_from_slice(&512u64.to_be_bytes());
+    std::fs::write(&misaligned, &bytes).unwrap();
+    let info = qemu_img(&["info", misaligned.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&info.stderr).contains("Snapshot table offset invalid"),
+        "qemu-img opens the misaligned image: {info:?}"
+    );
+    cases.push((
+        "misaligned snapshot table",
+        image_tgz(&dir, &misaligned),
+        "not cluster-aligned",
+    ));
+    let snap = make("snapshot.qcow2");
+    assert!(qemu_img(&["snapshot", "-c", "s1", snap.to_str().unwrap()])
+        .status
+        .success());
+    cases.push((
+        "internal snapshot",
+        image_tgz(&dir, &snap),
+        "internal snapshot",
+    ));
+    let bitmap = make("bitmap.qcow2");
+    assert!(
+        qemu_img(&["bitmap", "--add", bitmap.to_str().unwrap(), "b0"])
+            .status
+            .success()
+    );
+    cases.push((
+        "persistent bitmap",
+        image_tgz(&dir, &bitmap),
+        "persistent dirty bitmaps",
+    ));
+
+    for (what, image, expect) in &cases {
+        let (t, message) = err(&pool.config, "create_stemcell", json!([image, {}]));
+        assert_eq!(t, "CloudError", "{what}: {message}");
+        assert!(
+            message.contains(expect),
+            "{what} ({}): expected '{expect}' in: {message}",
+            image.display()
         );
         assert_eq!(
             pool.volumes(),

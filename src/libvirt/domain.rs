@@ -428,24 +428,6 @@ impl Libvirt {
             .collect())
     }
 
-    pub fn all_domain_macs(&self) -> Result<Vec<String>> {
-        let doms = self
-            .conn()
-            .list_all_domains(0)
-            .map_err(|e| lv_error("listing domains", e))?;
-        let mut macs = Vec::new();
-        for d in doms {
-            // A domain undefined meanwhile has no MACs left to clash with.
-            let Ok(xml) = d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE) else {
-                continue;
-            };
-            if let Ok(facts) = DomainFacts::from_xml(&xml) {
-                macs.extend(facts.interfaces.into_iter().map(|(mac, _)| mac));
-            }
-        }
-        Ok(macs)
-    }
-
     pub fn define_domain(&self, spec: &DomainSpec) -> Result<Domain> {
         self.conn()
             .define_domain_xml(&spec.to_xml())

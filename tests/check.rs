@@ -164,6 +164,7 @@ fn unique(kind: &str) -> String {
 #[test]
 fn the_test_beds_own_config_passes_with_every_check_reported() {
     let tb = testbed();
+    tb.pool_in_use();
     let (code, report) = check(&tb.config, &[]);
     assert_eq!(errors(&report), Vec::<&Value>::new(), "{report:#}");
     assert_eq!(code, 0, "{report:#}");
@@ -710,6 +711,7 @@ fn json_shape_and_exit_statuses() {
 #[test]
 fn an_existing_pool_elsewhere_than_pool_path_is_a_warning() {
     let tb = testbed();
+    tb.pool_in_use();
     let config = tb.config_with(
         "pool-elsewhere",
         json!({"pool": {"path": "/var/lib/libvirt/elsewhere"}}),

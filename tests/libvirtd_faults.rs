@@ -13,129 +13,14 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-struct PrivateLibvirtd {
-    dir: PathBuf,
-    daemon: Option<Child>,
-}
-
-impl PrivateLibvirtd {
-    fn start(tag: &str) -> PrivateLibvirtd {
-        testbed(); // packages installed, as for every test
-        let dir = scratch_dir(&format!("libvirtd-{tag}"));
-        for d in ["sock", "run", "lib", "etc", "cache", "pool"] {
-            std::fs::create_dir_all(dir.join(d)).unwrap();
-        }
-        std::fs::copy("/usr/sbin/libvirtd", dir.join("lvd-fault")).unwrap();
-        std::fs::write(
-            dir.join("libvirtd.conf"),
-            format!(
-                "unix_sock_dir = \"{d}/sock\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
-                 log_outputs = \"3:file:{d}/libvirtd.log\"\n",
-                d = dir.display()
-            ),
-        )
-        .unwrap();
-        let mut me = PrivateLibvirtd { dir, daemon: None };
-        me.run();
-        me
-    }
-
-    /// (Re)starts the daemon on the same directories and waits for it.
-    fn run(&mut self) {
-        let d = self.dir.display();
-        let script = format!(
-            "mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
-             mount --bind {d}/etc /etc/libvirt && mount --bind {d}/cache /var/cache/libvirt && \
-             exec {d}/lvd-fault -f {d}/libvirtd.conf -p {d}/pid"
-        );
-        let _ = std::fs::remove_file(self.dir.join("sock/libvirt-sock"));
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new("virsh")
-                .args(["-c", &self.uri(), "version"])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the private libvirtd did not start"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!(
-            "qemu+unix:///system?socket={}/sock/libvirt-sock",
-            self.dir.display()
-        )
-    }
-
-    fn pid(&self) -> String {
-        self.daemon.as_ref().unwrap().id().to_string()
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([sig, &self.pid()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-
-    fn kill(&mut self) {
-        self.signal("-KILL");
-        let _ = self.daemon.take().unwrap().wait();
-    }
-
-    /// A CPI config for this libvirtd, with a pool of its own.
-    fn config(&self) -> PathBuf {
-        testbed().config_with(
-            "private-libvirtd",
-            json!({"libvirt": {"uri": self.uri()},
-                   "pool": {"name": "fault", "path": self.dir.join("pool"), "create": true}}),
-        )
-    }
-
-    fn volumes(&self) -> Vec<String> {
-        vol_list_names(
-            &Command::new("virsh")
-                .args(["-c", &self.uri(), "vol-list", "fault"])
-                .output()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for PrivateLibvirtd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = Command::new("kill")
-                .args(["-CONT", &c.id().to_string()])
-                .status();
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// A create_stemcell reading a FIFO this test feeds: a tar declaring a
 /// 64 MiB root.img, then data on demand. Returns the CPI process and the

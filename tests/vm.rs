@@ -15,51 +15,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-fn net_name(tb: &Testbed) -> String {
-    tb.config_json()["network"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-/// (mac, name, ip) of every DHCP host entry of a libvirt network.
-fn dhcp_hosts(tb: &Testbed, network: &str) -> Vec<(String, String, String)> {
-    let xml = tb.virsh_ok(&["net-dumpxml", network]);
-    xml.lines()
-        .filter(|l| l.trim_start().starts_with("<host "))
-        .map(|l| {
-            let attr = |k: &str| {
-                l.split(&format!("{k}='"))
-                    .nth(1)
-                    .and_then(|r| r.split('\'').next())
-                    .unwrap_or("")
-                    .to_lowercase()
-            };
-            (attr("mac"), attr("name"), attr("ip"))
-        })
-        .collect()
-}
-
-/// A manual IP in 10.253.77.[lo, hi) not reserved right now.
-fn free_ip(tb: &Testbed, lo: u8, hi: u8, avoid: &HashSet<String>) -> String {
-    let taken: HashSet<String> = dhcp_hosts(tb, &net_name(tb))
-        .into_iter()
-        .map(|h| h.2)
-        .collect();
-    loop {
-        let n = lo + (uuid::Uuid::new_v4().as_bytes()[0] % (hi - lo));
-        let ip = format!("10.253.77.{n}");
-        if !taken.contains(&ip) && !avoid.contains(&ip) {
-            return ip;
-        }
-    }
-}
-
-fn manual(ip: &str) -> Value {
-    json!({"type": "manual", "ip": ip, "netmask": "255.255.255.0", "gateway": "10.253.77.1",
-           "dns": ["10.253.77.1"], "default": ["dns", "gateway"], "cloud_properties": {}})
-}
-
 /// Nothing of `vm` left: no domain, no `<vm>-*` volume, no DHCP host named
 /// after it or holding one of `macs`.
 fn assert_no_trace(tb: &Testbed, vm: &str, macs: &[String]) {
@@ -974,27 +929,6 @@ fn a_stale_reservation_of_a_killed_create_is_reclaimed_a_live_one_is_not() {
 
 /// A small deterministic generator (the fault tests' kill moments are
 /// seeded, so a failure can be replayed with FAULT_SEED=<seed>).
-struct Lcg(u64);
-
-impl Lcg {
-    fn from_env() -> Lcg {
-        let seed = std::env::var("FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5eed_c0de);
-        eprintln!("FAULT_SEED={seed}");
-        Lcg(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// kill -9 of create_vm at seeded moments across its whole run, each time
 /// followed by what the director does next: create_vm again with the same
 /// manual IP. The retry must succeed every time (before the fix it failed
@@ -1042,6 +976,7 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
         std::thread::sleep(delay);
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();
+        recover_libvirtd();
         if let Ok(r) = serde_json::from_slice::<Value>(&out.stdout) {
             // It finished before the kill: the director has its CID.
             finished += 1;
@@ -1064,7 +999,8 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
         assert_no_domain_for_agent(tb, &agent);
     }
     eprintln!(
-        "create_vm: {KILLS} kills over {full:?}, {finished} had finished, {reclaimed} leftovers reclaimed by the retry"
+        "create_vm: {KILLS} kills over {full:?}, {finished} had finished, {reclaimed} leftovers reclaimed by the retry, {} libvirtd deadlocks survived",
+        libvirtd_restarts()
     );
     // The last kill's leftovers (a domain that never started) go with the
     // next create_vm's sweep, as they would on a real host.

@@ -262,6 +262,9 @@ pub fn create_disk(
         }
     };
     drop(vol);
+    // Before the record: a kill during the sweep leaves an unrecorded disk
+    // (swept in turn), never a complete one the director does not know.
+    sweep_unrecorded_disks(call, &pool, &disk_cid);
     let mut record = json!({
         "format": format.as_str(),
         "size_mib": size_mib,
@@ -286,6 +289,73 @@ pub fn create_disk(
             .unwrap_or_default()
     ));
     Ok(Value::String(disk_cid))
+}
+
+/// A disk volume without a valid record, without director metadata, in no
+/// domain and untouched this long is what a create_disk killed between the
+/// volume and its record left: the director never learned its CID.
+const UNRECORDED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
+
+/// Best effort, never fails the call: removes disks that killed create_disk
+/// calls left, judged by the host's clock as read from `own` (just made).
+/// A `.tags` or `.holder` sidecar means the director knew the disk
+/// (set_disk_metadata and attach_disk follow create_disk): such a disk is
+/// never swept, whatever its record.
+fn sweep_unrecorded_disks(call: &mut Call, pool: &StoragePool, own: &str) {
+    let cfg = call.config;
+    let swept = (|| -> Result<Vec<String>> {
+        let lv = call.libvirt()?;
+        let Some(now) = lv
+            .find_volume(pool, own)?
+            .map(|v| lv.volume_facts(&v, own))
+            .transpose()?
+            .and_then(|f| f.mtime)
+        else {
+            return Ok(Vec::new());
+        };
+        let names = lv.volume_names_with_prefix(pool, "disk-")?;
+        let mut removed = Vec::new();
+        for name in &names {
+            if name == own
+                || !cid::is_disk_cid(name)
+                || names.contains(&tags_name(name))
+                || names.contains(&holder::holder_name(name))
+                || !lv.volume_untouched_for(pool, name, UNRECORDED_MAX_AGE_SECS, now)?
+                || lv.has_valid_marker(pool, name)?
+            {
+                continue;
+            }
+            let Some(vol) = lv.find_volume(pool, name)? else {
+                continue;
+            };
+            let path = lv.volume_facts(&vol, name)?.path;
+            let r = DiskRef {
+                cid: name,
+                path: Some(&path),
+                pool: &cfg.pool.name,
+            };
+            if !lv.disk_holders(&r)?.is_empty() {
+                continue;
+            }
+            if lv.delete_volume(pool, name)? {
+                removed.push(name.clone());
+            }
+            if lv.delete_volume(pool, &marker_name(name))? {
+                removed.push(marker_name(name));
+            }
+        }
+        Ok(removed)
+    })();
+    match swept {
+        Ok(removed) if !removed.is_empty() => call.log.info(format!(
+            "removed disks that killed create_disk calls left unrecorded: {}",
+            removed.join(", ")
+        )),
+        Ok(_) => {}
+        Err(e) => call
+            .log
+            .warn(format!("not sweeping unrecorded disks: {}", e.message)),
+    }
 }
 
 pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
@@ -554,8 +624,16 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
         return detach_locked(call, vm_cid, &domain, &r, &pool);
     }
     holder::with_lock(call, &pool, disk_cid, |call| {
-        detach_locked(call, vm_cid, &domain, &r, &pool)?;
-        holder::release_holder(call, &pool, disk_cid, vm_cid)
+        match detach_locked(call, vm_cid, &domain, &r, &pool) {
+            Ok(_) => holder::release_holder(call, &pool, disk_cid, vm_cid),
+            // A detach killed between the device and the record leaves the
+            // record naming this VM: the retry lands here and removes it.
+            Err(e) if e.kind == ErrorKind::DiskNotAttached => {
+                holder::release_holder(call, &pool, disk_cid, vm_cid)?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     })?;
     Ok(Value::Null)
 }

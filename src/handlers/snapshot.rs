@@ -211,17 +211,21 @@ fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &st
         let mut removed = Vec::new();
         let names = lv.volume_names_with_prefix(pool, &format!("{PREFIX}{disk_cid}-"))?;
         for name in &names {
+            // A marker that is not a document (its write was killed) is no
+            // marker; the volume goes first, so a half-removed snapshot never
+            // looks complete.
             if name == own
                 || !is_snapshot_cid(name)
-                || names.contains(&marker_name(name))
                 || !lv.volume_untouched_for(pool, name, UNFINISHED_MAX_AGE_SECS, now)?
+                || lv.has_valid_marker(pool, name)?
             {
                 continue;
             }
-            if lv.find_volume(pool, &marker_name(name))?.is_none()
-                && lv.delete_volume(pool, name)?
-            {
+            if lv.delete_volume(pool, name)? {
                 removed.push(name.clone());
+            }
+            if lv.delete_volume(pool, &marker_name(name))? {
+                removed.push(marker_name(name));
             }
         }
         Ok(removed)

@@ -864,7 +864,8 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
 
     // (libvirt network, DHCP host pattern) to remove.
     let mut dhcp: Vec<(String, DhcpHost)> = Vec::new();
-    let existed = match lv.find_domain(vm_cid)? {
+    // What the reservations' removal said, when the domain existed.
+    let reservations = match lv.find_domain(vm_cid)? {
         Some(dom) => {
             let facts = lv.domain_facts(&dom, vm_cid)?;
             if let Some(md) = &facts.metadata {
@@ -891,15 +892,37 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
                     },
                 ));
             }
-            lv.destroy_domain(&dom, vm_cid)?;
-            lv.undefine_domain(&dom, vm_cid)?;
+            // A reservation's removal is a live update of the libvirt
+            // network (~0.5 s, most of it libvirt's): it runs while the
+            // domain is destroyed, not after.
+            let (reservations, gone) = std::thread::scope(|s| {
+                let reservations = s.spawn(|| sweep_reservations(lv, vm_cid, &dhcp));
+                let gone = lv
+                    .destroy_domain(&dom, vm_cid)
+                    .and_then(|()| lv.undefine_domain(&dom, vm_cid));
+                (reservations.join(), gone)
+            });
+            let (removed, problems) = reservations.map_err(|_| {
+                CpiError::cloud("removing DHCP reservations: the thread panicked")
+            })??;
+            for line in removed {
+                log.info(line);
+            }
+            gone?;
             log.info(format!("destroyed and undefined domain {vm_cid}"));
-            true
+            Some(problems)
         }
-        None => false,
+        None => None,
     };
-
-    let mut problems = sweep_vm_leftovers(lv, &pool, vm_cid, &dhcp, log)?;
+    let existed = reservations.is_some();
+    let mut problems = match reservations {
+        Some(problems) => {
+            let mut more = sweep_volumes(lv, &pool, vm_cid, log)?;
+            more.extend(problems);
+            more
+        }
+        None => sweep_vm_leftovers(lv, &pool, vm_cid, &dhcp, log)?,
+    };
 
     // Only report success for what is verifiably gone.
     if lv.find_domain(vm_cid)?.is_some() {
@@ -934,15 +957,43 @@ fn sweep_vm_leftovers(
     dhcp: &[(String, DhcpHost)],
     log: &mut Logger,
 ) -> Result<Vec<String>> {
-    let prefix = format!("{vm_cid}-");
+    let mut problems = sweep_volumes(lv, pool, vm_cid, log)?;
+    let (removed, more) = sweep_reservations(lv, vm_cid, dhcp)?;
+    for line in removed {
+        log.info(line);
+    }
+    problems.extend(more);
+    Ok(problems)
+}
+
+/// Deletes the `<vm_cid>-*` volumes; returns what could not be deleted.
+fn sweep_volumes(
+    lv: &Libvirt,
+    pool: &StoragePool,
+    vm_cid: &str,
+    log: &mut Logger,
+) -> Result<Vec<String>> {
     let mut problems = Vec::new();
-    for name in lv.volume_names_with_prefix(pool, &prefix)? {
+    for name in lv.volume_names_with_prefix(pool, &format!("{vm_cid}-"))? {
         match lv.delete_volume(pool, &name) {
             Ok(true) => log.info(format!("deleted volume {name}")),
             Ok(false) => {}
             Err(e) => problems.push(e.message),
         }
     }
+    Ok(problems)
+}
+
+/// Removes the DHCP entries named after `vm_cid` or matching one of `dhcp`
+/// from every libvirt network; returns (what was removed, for the log; what
+/// could not be removed). Takes no logger: delete_vm runs it on a thread.
+fn sweep_reservations(
+    lv: &Libvirt,
+    vm_cid: &str,
+    dhcp: &[(String, DhcpHost)],
+) -> Result<(Vec<String>, Vec<String>)> {
+    let prefix = format!("{vm_cid}-");
+    let (mut removed, mut problems) = (Vec::new(), Vec::new());
     for net_name in lv.network_names()? {
         let Some(net) = lv.find_network(&net_name)? else {
             continue;
@@ -965,7 +1016,7 @@ fn sweep_vm_leftovers(
                 continue;
             }
             match lv.remove_dhcp_host(&net, &net_name, host) {
-                Ok(_) => log.info(format!(
+                Ok(_) => removed.push(format!(
                     "removed DHCP host {} from {net_name}",
                     host.to_xml()
                 )),
@@ -973,7 +1024,7 @@ fn sweep_vm_leftovers(
             }
         }
     }
-    Ok(problems)
+    Ok((removed, problems))
 }
 
 // ---------------------------------------------------------------------------

@@ -308,6 +308,30 @@ impl Libvirt {
 
     /// The JSON document in a sidecar volume; `None` when the volume is absent.
     pub fn read_json_volume(&self, pool: &StoragePool, name: &str) -> Result<Option<Value>> {
+        let Some(text) = self.read_sidecar_text(pool, name)? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
+    }
+
+    /// Whether `volume`'s marker exists and holds a JSON object. A marker
+    /// whose write was killed or failed part-way holds zeros (its volume is
+    /// created before the upload) or a torn document: for a sweep that is no
+    /// marker, or the leftover would look complete forever.
+    pub fn has_valid_marker(&self, pool: &StoragePool, volume: &str) -> Result<bool> {
+        let Some(text) = self.read_sidecar_text(pool, &marker_name(volume))? else {
+            return Ok(false);
+        };
+        Ok(matches!(
+            serde_json::from_str::<Value>(&text),
+            Ok(Value::Object(_))
+        ))
+    }
+
+    /// A sidecar's text without its padding; `None` when the volume is absent.
+    fn read_sidecar_text(&self, pool: &StoragePool, name: &str) -> Result<Option<String>> {
         let Some(vol) = self.find_volume(pool, name)? else {
             return Ok(None);
         };
@@ -320,9 +344,7 @@ impl Libvirt {
         let bytes = self.read_volume(&vol, name, capacity)?;
         let text = String::from_utf8_lossy(&bytes);
         let text = text.trim_end_matches(|c: char| c.is_whitespace() || c == '\0');
-        serde_json::from_str(text)
-            .map(Some)
-            .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
+        Ok(Some(text.to_string()))
     }
 
     /// The disks of a domain; `None` when the domain vanished meanwhile.

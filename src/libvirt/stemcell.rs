@@ -71,7 +71,7 @@ impl Libvirt {
         Ok(!self.volumes_backed_by(pool, &path)?.is_empty())
     }
 
-    /// Removes stemcell leftovers: image volumes without a marker whose file
+    /// Removes stemcell leftovers: image volumes without a valid marker whose file
     /// has not changed for `max_age` seconds before `host_now` (a time read on
     /// the libvirt host) and that no overlay uses, and markers whose image is
     /// gone. Never `keep`.
@@ -90,12 +90,19 @@ impl Libvirt {
             if name == keep {
                 continue;
             }
-            if is_stemcell_cid(name) && !has(&marker_name(name)) {
+            if is_stemcell_cid(name) {
+                // A marker that is not a document (its write was killed) is
+                // no marker: read only for old images, the rare candidates.
+                let marked = has(&marker_name(name));
                 if self.volume_untouched_for(pool, name, max_age, host_now)?
+                    && !(marked && self.has_valid_marker(pool, name)?)
                     && !self.backs_any_volume(pool, name)?
                     && self.delete_volume(pool, name)?
                 {
                     removed.push(name.clone());
+                    if marked && self.delete_volume(pool, &marker_name(name))? {
+                        removed.push(marker_name(name));
+                    }
                 }
             } else if let Some(base) = name.strip_suffix(".meta") {
                 // A marker is written after its image and deleted before it:

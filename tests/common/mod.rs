@@ -4,9 +4,10 @@
 //! import the test stemcell through the CPI and read guests' serial consoles.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,11 @@ impl Testbed {
 
     /// `virsh` that must succeed; returns stdout.
     pub fn virsh_ok(&self, args: &[&str]) -> String {
-        let out = self.virsh(args);
+        let restarts = libvirtd_restarts();
+        let mut out = self.virsh(args);
+        if !out.status.success() && (recover_libvirtd() || libvirtd_restarts() != restarts) {
+            out = self.virsh(args);
+        }
         assert!(
             out.status.success(),
             "virsh {args:?} failed: {}",
@@ -65,6 +70,13 @@ impl Testbed {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Makes sure the test bed's pool exists, the way an operator's first
+    /// CPI call makes it (`pool.create`): on a fresh machine nothing has
+    /// touched the pool before the first test that needs it.
+    pub fn pool_in_use(&self) {
+        ok(&self.config, "has_disk", json!(["disk-000000000000000"]));
     }
 
     /// Names of the volumes in the test bed's pool.
@@ -287,6 +299,108 @@ pub struct CpiRun {
 /// only PATH, HOME and TMPDIR in the environment, the request on stdin, then
 /// EOF. Asserts exit status 0 and a response the director accepts.
 pub fn run_cpi_raw(config: Option<&Path>, stdin: &[u8]) -> CpiRun {
+    let restarts = libvirtd_restarts();
+    let run = run_cpi_once(config, stdin);
+    if lost_libvirtd(&run.response) && (recover_libvirtd() || libvirtd_restarts() != restarts) {
+        // What the director does with a retryable error, once libvirtd is back.
+        eprintln!("repeating the call after the test bed's libvirtd was restarted");
+        return run_cpi_once(config, stdin);
+    }
+    run
+}
+
+/// A retryable error saying the connection to libvirtd was lost or never made.
+fn lost_libvirtd(response: &Value) -> bool {
+    let error = &response["error"];
+    let message = error["message"].as_str().unwrap_or("");
+    error["ok_to_retry"] == json!(true)
+        && [
+            "connecting to libvirt",
+            "Cannot recv data",
+            "End of file while reading",
+            "no answer within",
+            "keepalive",
+            "Broken pipe",
+            "Connection reset",
+        ]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
+static LIBVIRTD_RESTARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static LIBVIRTD_RECOVERY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How often this test process restarted the test bed's libvirtd.
+pub fn libvirtd_restarts() -> usize {
+    LIBVIRTD_RESTARTS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// libvirt 11.3's libvirtd can deadlock for good when a client dies at the
+/// wrong moment: seen here after a create_vm was killed 84 ms in, its main
+/// loop blocked in virNetServerClientClose on a lock no thread held, and every
+/// client hung. The tests kill CPI processes hundreds of times, so they do
+/// what docs/operator-guide.md tells an operator: when libvirtd no longer
+/// answers, restart it (running VMs carry on). True when it was restarted.
+pub fn recover_libvirtd() -> bool {
+    let _one_at_a_time = LIBVIRTD_RECOVERY.lock().unwrap_or_else(|e| e.into_inner());
+    let tb = testbed();
+    let probe = Command::new("virsh")
+        .args(["-c", &tb.uri, "version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running virsh");
+    if wait_for_exit(probe, Duration::from_secs(20)).is_some_and(|s| s.success()) {
+        return false;
+    }
+    let pid_file = tb.dir.join("libvirtd.pid");
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let pid = pid.trim();
+    eprintln!("the test bed's libvirtd (pid {pid}) does not answer: restarting it");
+    if !pid.is_empty() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+        let gone = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && gone.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let out = Command::new(tb.root.join("ci/testbed"))
+        .arg("up")
+        .output()
+        .expect("running ci/testbed up");
+    assert!(
+        out.status.success(),
+        "restarting libvirtd: ci/testbed up failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    LIBVIRTD_RESTARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    true
+}
+
+/// The exit status of `child` within `timeout`; None (and the child killed) after it.
+fn wait_for_exit(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_cpi_once(config: Option<&Path>, stdin: &[u8]) -> CpiRun {
     let child = spawn_cpi(config, stdin);
     let out = wait_with_timeout(child, CPI_CALL_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -469,5 +583,225 @@ pub fn wait_console(
             lines.join("\n")
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+// ---- the shared NAT network, seeded faults, a private libvirtd ----
+
+pub fn net_name(tb: &Testbed) -> String {
+    tb.config_json()["network"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// (mac, name, ip) of every DHCP host entry of a libvirt network.
+pub fn dhcp_hosts(tb: &Testbed, network: &str) -> Vec<(String, String, String)> {
+    let xml = tb.virsh_ok(&["net-dumpxml", network]);
+    xml.lines()
+        .filter(|l| l.trim_start().starts_with("<host "))
+        .map(|l| {
+            let attr = |k: &str| {
+                l.split(&format!("{k}='"))
+                    .nth(1)
+                    .and_then(|r| r.split('\'').next())
+                    .unwrap_or("")
+                    .to_lowercase()
+            };
+            (attr("mac"), attr("name"), attr("ip"))
+        })
+        .collect()
+}
+
+/// A manual IP in 10.253.77.[lo, hi) not reserved right now.
+pub fn free_ip(tb: &Testbed, lo: u8, hi: u8, avoid: &HashSet<String>) -> String {
+    let taken: HashSet<String> = dhcp_hosts(tb, &net_name(tb))
+        .into_iter()
+        .map(|h| h.2)
+        .collect();
+    loop {
+        let n = lo + (uuid::Uuid::new_v4().as_bytes()[0] % (hi - lo));
+        let ip = format!("10.253.77.{n}");
+        if !taken.contains(&ip) && !avoid.contains(&ip) {
+            return ip;
+        }
+    }
+}
+
+pub fn manual(ip: &str) -> Value {
+    json!({"type": "manual", "ip": ip, "netmask": "255.255.255.0", "gateway": "10.253.77.1",
+           "dns": ["10.253.77.1"], "default": ["dns", "gateway"], "cloud_properties": {}})
+}
+
+/// A seeded generator for fault tests: the seed comes from FAULT_SEED (a
+/// fixed default otherwise) and is printed, so a failing run can be replayed.
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Lcg {
+        Lcg(seed)
+    }
+
+    pub fn from_env() -> Lcg {
+        let seed = std::env::var("FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_c0de);
+        eprintln!("FAULT_SEED={seed}");
+        Lcg(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// A libvirtd of the test's own: a copy of the binary under another name
+/// (so `ci/testbed` never takes it for a system libvirtd), in private mount
+/// and network namespaces (its /run/libvirt, /var/lib/libvirt, /etc/libvirt
+/// and /var/cache/libvirt are its own directories; the networks the CPI
+/// makes there, bridges and dnsmasq included, are invisible to the host),
+/// answering on a unix socket the CPI reaches from outside. It runs domains
+/// (QEMU writes console files itself: no virtlogd). Its domains and networks
+/// are destroyed and it is killed on drop.
+pub struct PrivateLibvirtd {
+    pub dir: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl PrivateLibvirtd {
+    pub fn start(tag: &str) -> PrivateLibvirtd {
+        testbed(); // packages installed, as for every test
+        let dir = scratch_dir(&format!("libvirtd-{tag}"));
+        for d in ["sock", "run", "lib", "etc", "cache", "pool"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::copy("/usr/sbin/libvirtd", dir.join("lvd-fault")).unwrap();
+        std::fs::write(
+            dir.join("libvirtd.conf"),
+            format!(
+                "unix_sock_dir = \"{d}/sock\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+                 log_outputs = \"3:file:{d}/libvirtd.log\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        // QEMU writes its console file itself: the test bed's virtlogd socket
+        // is not in this namespace.
+        std::fs::write(dir.join("etc/qemu.conf"), "stdio_handler = \"file\"\n").unwrap();
+        let mut me = PrivateLibvirtd { dir, daemon: None };
+        me.run();
+        me
+    }
+
+    /// (Re)starts the daemon on the same directories and waits for it.
+    pub fn run(&mut self) {
+        let d = self.dir.display();
+        let script = format!(
+            "mount --bind {d}/run /run/libvirt && mount --bind {d}/lib /var/lib/libvirt && \
+             mount --bind {d}/etc /etc/libvirt && mount --bind {d}/cache /var/cache/libvirt && \
+             exec {d}/lvd-fault -f {d}/libvirtd.conf -p {d}/pid"
+        );
+        let _ = std::fs::remove_file(self.dir.join("sock/libvirt-sock"));
+        let child = Command::new("unshare")
+            .args(["-m", "-n", "--propagation", "private", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("virsh")
+                .args(["-c", &self.uri(), "version"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the private libvirtd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu+unix:///system?socket={}/sock/libvirt-sock",
+            self.dir.display()
+        )
+    }
+
+    pub fn pid(&self) -> String {
+        self.daemon.as_ref().unwrap().id().to_string()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+        let _ = self.daemon.take().unwrap().wait();
+    }
+
+    /// A CPI config for this libvirtd, with a pool of its own.
+    pub fn config(&self) -> PathBuf {
+        testbed().config_with(
+            "private-libvirtd",
+            json!({"libvirt": {"uri": self.uri()},
+                   "pool": {"name": "fault", "path": self.dir.join("pool"), "create": true}}),
+        )
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        vol_list_names(
+            &Command::new("virsh")
+                .args(["-c", &self.uri(), "vol-list", "fault"])
+                .output()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for PrivateLibvirtd {
+    fn drop(&mut self) {
+        // Its QEMU processes would outlive it.
+        if self.daemon.is_some() {
+            let virsh = |args: &[&str]| {
+                Command::new("timeout")
+                    .args(["30", "virsh", "-c", &self.uri()])
+                    .args(args)
+                    .output()
+            };
+            if let Ok(out) = virsh(&["list", "--name"]) {
+                for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = virsh(&["destroy", name]);
+                }
+            }
+            // And its networks' dnsmasq processes.
+            if let Ok(out) = virsh(&["net-list", "--name"]) {
+                for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = virsh(&["net-destroy", name]);
+                }
+            }
+        }
+        if let Some(mut c) = self.daemon.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

@@ -23,10 +23,12 @@ use super::disk_record::{
 };
 use super::holder;
 use super::snapshot;
+use super::sweep::{self, Leftovers};
 use super::Call;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
 use crate::libvirt::volume::{DiskFormat, MIB};
+use crate::libvirt::Libvirt;
 use crate::method::Object;
 use crate::names::{self, marker_name, tags_name};
 use crate::records::{DiskRecord, TagsRecord};
@@ -184,60 +186,36 @@ const UNRECORDED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 /// (set_disk_metadata and attach_disk follow create_disk): such a disk is
 /// never swept, whatever its record.
 fn sweep_unrecorded_disks(call: &mut Call, pool: &StoragePool, own: &str) {
-    let cfg = call.config;
-    let swept = (|| -> Result<Vec<String>> {
-        let lv = call.libvirt()?;
-        let Some(now) = lv
-            .find_volume(pool, own)?
-            .map(|v| lv.volume_facts(&v, own))
-            .transpose()?
-            .and_then(|f| f.mtime)
-        else {
-            return Ok(Vec::new());
+    let pool_name = call.config.pool.name.clone();
+    let candidate = |name: &str, all: &[String]| {
+        names::is_disk_cid(name)
+            && !all.contains(&tags_name(name))
+            && !all.contains(&names::holder_name(name))
+    };
+    let in_use = |lv: &Libvirt, name: &str| -> Result<bool> {
+        let Some(vol) = lv.find_volume(pool, name)? else {
+            return Ok(false);
         };
-        let found = lv.volume_names_with_prefix(pool, names::DISK_PREFIX)?;
-        let mut removed = Vec::new();
-        for name in &found {
-            if name == own
-                || !names::is_disk_cid(name)
-                || found.contains(&tags_name(name))
-                || found.contains(&names::holder_name(name))
-                || !lv.volume_untouched_for(pool, name, UNRECORDED_MAX_AGE_SECS, now)?
-                || lv.has_valid_marker(pool, name)?
-            {
-                continue;
-            }
-            let Some(vol) = lv.find_volume(pool, name)? else {
-                continue;
-            };
-            let path = lv.volume_facts(&vol, name)?.path;
-            let r = DiskRef {
-                cid: name,
-                path: Some(&path),
-                pool: &cfg.pool.name,
-            };
-            if !lv.disk_holders(&r)?.is_empty() {
-                continue;
-            }
-            if lv.delete_volume(pool, name)? {
-                removed.push(name.clone());
-            }
-            if lv.delete_volume(pool, &marker_name(name))? {
-                removed.push(marker_name(name));
-            }
-        }
-        Ok(removed)
-    })();
-    match swept {
-        Ok(removed) if !removed.is_empty() => call.log.info(format!(
-            "removed disks that killed create_disk calls left unrecorded: {}",
-            removed.join(", ")
-        )),
-        Ok(_) => {}
-        Err(e) => call
-            .log
-            .warn(format!("not sweeping unrecorded disks: {}", e.message)),
-    }
+        let path = lv.volume_facts(&vol, name)?.path;
+        let r = DiskRef {
+            cid: name,
+            path: Some(&path),
+            pool: &pool_name,
+        };
+        Ok(!lv.disk_holders(&r)?.is_empty())
+    };
+    sweep::sweep(
+        call,
+        pool,
+        own,
+        &Leftovers {
+            prefix: names::DISK_PREFIX,
+            max_age_secs: UNRECORDED_MAX_AGE_SECS,
+            candidate: &candidate,
+            in_use: &in_use,
+            what: "disks that killed create_disk calls left unrecorded",
+        },
+    );
 }
 
 pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
@@ -280,11 +258,14 @@ pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
             .info(format!("disk {disk_cid} does not exist: nothing to delete")),
     }
     // Sidecars go last, and also when the disk itself was already gone (a
-    // previous attempt may have stopped half-way).
+    // previous attempt may have stopped half-way, between deleting the disk
+    // and releasing its lock: with the disk gone no call takes that lock
+    // again, so it goes here).
     let lv = call.libvirt()?;
     lv.delete_volume(&pool, &tags_name(disk_cid))?;
     lv.delete_volume(&pool, &names::holder_name(disk_cid))?;
     lv.delete_volume(&pool, &marker_name(disk_cid))?;
+    lv.delete_volume(&pool, &names::lock_name(disk_cid))?;
     Ok(Value::Null)
 }
 

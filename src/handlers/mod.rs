@@ -8,6 +8,7 @@ mod holder;
 pub mod info;
 mod snapshot;
 mod stemcell;
+mod sweep;
 mod vm;
 
 use serde_json::Value;

@@ -28,6 +28,7 @@ use virt::storage_vol::StorageVol;
 
 use super::disk_record::{checked_format, find_disk, holder_is_recorded, recorded_format};
 use super::holder;
+use super::sweep::{self, Leftovers};
 use super::Call;
 use crate::error::{CpiError, Result};
 use crate::libvirt::volume::{DiskFormat, VolumeFacts};
@@ -163,49 +164,19 @@ const UNFINISHED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 /// Best effort, never fails the call: removes unfinished snapshots of
 /// `disk_cid`, judged by the host's clock as read from `own` (just made).
 fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &str, own: &str) {
-    let swept = (|| -> Result<Vec<String>> {
-        let lv = call.libvirt()?;
-        let Some(now) = lv
-            .find_volume(pool, own)?
-            .map(|v| lv.volume_facts(&v, own))
-            .transpose()?
-            .and_then(|f| f.mtime)
-        else {
-            return Ok(Vec::new());
-        };
-        let mut removed = Vec::new();
-        let found = lv.volume_names_with_prefix(pool, &names::snapshots_of(disk_cid))?;
-        for name in &found {
-            // A marker that is not a document (its write was killed) is no
-            // marker; the volume goes first, so a half-removed snapshot never
-            // looks complete.
-            if name == own
-                || !is_snapshot_cid(name)
-                || !lv.volume_untouched_for(pool, name, UNFINISHED_MAX_AGE_SECS, now)?
-                || lv.has_valid_marker(pool, name)?
-            {
-                continue;
-            }
-            if lv.delete_volume(pool, name)? {
-                removed.push(name.clone());
-            }
-            if lv.delete_volume(pool, &marker_name(name))? {
-                removed.push(marker_name(name));
-            }
-        }
-        Ok(removed)
-    })();
-    match swept {
-        Ok(removed) if !removed.is_empty() => call.log.info(format!(
-            "removed snapshots that killed snapshot_disk calls left unfinished: {}",
-            removed.join(", ")
-        )),
-        Ok(_) => {}
-        Err(e) => call.log.warn(format!(
-            "not sweeping unfinished snapshots of {disk_cid}: {}",
-            e.message
-        )),
-    }
+    let what = format!("unfinished snapshots of {disk_cid} that killed snapshot_disk calls left");
+    sweep::sweep(
+        call,
+        pool,
+        own,
+        &Leftovers {
+            prefix: &names::snapshots_of(disk_cid),
+            max_age_secs: UNFINISHED_MAX_AGE_SECS,
+            candidate: &|name, _| is_snapshot_cid(name),
+            in_use: &|_, _| Ok(false),
+            what: &what,
+        },
+    );
 }
 
 pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {

@@ -469,28 +469,35 @@ fn killed_create(
     row.finish(host);
 }
 
-#[test]
-fn killed_delete_stemcell() {
-    let host = Host::storage("f-dsc");
-    let mut row = Row::new("delete_stemcell");
-    let (sc, _) = host.timed("create_stemcell", stemcell_args());
-    let (_, full) = host.timed("delete_stemcell", json!([sc]));
+/// `method` (a delete) of what `make(i)` made, killed at a random moment,
+/// then the director's retry: nothing of it may be left.
+fn killed_delete(host: &Host, method: &'static str, make: impl Fn(u64) -> String) {
+    let mut row = Row::new(method);
+    let (_, full) = host.timed(method, json!([make(KILLS as u64)]));
     let mut at = Moments::new(full);
-    for _ in 0..KILLS {
-        let sc = ok(&host.config, "create_stemcell", stemcell_args());
-        let sc = sc.as_str().unwrap();
-        let r = host.kill_after("delete_stemcell", json!([sc]), at.next());
+    for i in 0..KILLS {
+        let cid = make(i as u64);
+        let r = host.kill_after(method, json!([cid]), at.next());
         row.kills += 1;
         if r.is_some() {
             row.finished += 1;
         }
-        ok(&host.config, "delete_stemcell", json!([sc]));
+        ok(&host.config, method, json!([cid]));
         let left = host.volumes();
         if !left.is_empty() {
-            row.leak(format!("after deleting {sc}: {left:?}"));
+            row.leak(format!("kill {i}: after deleting {cid}: {left:?}"));
         }
     }
-    row.finish(&host);
+    row.finish(host);
+}
+
+#[test]
+fn killed_delete_stemcell() {
+    let host = Host::storage("f-dsc");
+    killed_delete(&host, "delete_stemcell", |_| {
+        let sc = ok(&host.config, "create_stemcell", stemcell_args());
+        sc.as_str().unwrap().to_string()
+    });
 }
 
 /// delete_stemcell of a stemcell a root overlay still uses, killed: the
@@ -611,27 +618,15 @@ fn killed_create_disk() {
 #[test]
 fn killed_delete_disk() {
     let host = Host::storage("f-dd");
-    let mut row = Row::new("delete_disk");
-    let tags = json!({"deployment": "faults"});
-    let (d, _) = patterned_disk(&host, 1);
-    ok(&host.config, "set_disk_metadata", json!([d, tags]));
-    let (_, full) = host.timed("delete_disk", json!([d]));
-    let mut at = Moments::new(full);
-    for i in 0..KILLS {
-        let (d, _) = patterned_disk(&host, i as u64);
-        ok(&host.config, "set_disk_metadata", json!([d, tags]));
-        let r = host.kill_after("delete_disk", json!([d]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
-        ok(&host.config, "delete_disk", json!([d]));
-        let left = host.volumes();
-        if !left.is_empty() {
-            row.leak(format!("kill {i}: after deleting {d}: {left:?}"));
-        }
-    }
-    row.finish(&host);
+    killed_delete(&host, "delete_disk", |i| {
+        let (d, _) = patterned_disk(&host, i);
+        ok(
+            &host.config,
+            "set_disk_metadata",
+            json!([d, {"deployment": "faults"}]),
+        );
+        d
+    });
 }
 
 #[test]

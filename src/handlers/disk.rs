@@ -488,6 +488,32 @@ fn attach_locked(
             call.libvirt()?
                 .attach_disk_device(domain, vm_cid, &xml, false, true)?;
         }
+        // A libvirtd that died in the middle of an earlier hot-plug of this
+        // disk leaves QEMU holding its block nodes (and maybe the guest
+        // device) unknown to libvirt: every hot-plug of it fails until
+        // they are gone (see libvirt/orphan_nodes.rs). A lost connection
+        // (retryable) says nothing about QEMU: the next call looks.
+        Err(e) if need_live && !e.ok_to_retry => {
+            let orphans = call
+                .libvirt()?
+                .remove_orphan_block_nodes(domain, vm_cid, &disk.facts.path, DETACH_TIMEOUT)
+                .map_err(|c| {
+                    c.context(format!(
+                        "{}; then, removing what an earlier hot-plug left",
+                        e.message
+                    ))
+                })?;
+            if orphans.is_empty() {
+                return Err(e);
+            }
+            call.log.warn(format!(
+                "hot-plugging {disk_cid} into {vm_cid} failed ({}): removed what an earlier \
+                 hot-plug that libvirtd did not live to record left in QEMU ({orphans}); attaching again",
+                e.message
+            ));
+            call.libvirt()?
+                .attach_disk_device(domain, vm_cid, &xml, need_live, need_config)?;
+        }
         Err(e) => return Err(e),
     }
     if !tracked {

@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const ROUNDS: usize = 12;
+/// Kills followed by the director's retry on the same VM.
+const RETRY_ROUNDS: usize = 10;
+/// Kills followed by detach_disk there and attach_disk to another VM.
+const SWAP_ROUNDS: usize = 4;
 const MIB: usize = 1 << 20;
 /// A TCG boot of the test stemcell on 2 shared cores, with margin.
 const BOOT: Duration = Duration::from_secs(150);
@@ -206,6 +209,122 @@ fn download(uri: &str, vol: &str) -> Vec<u8> {
     bytes
 }
 
+/// One VM of the test: created through the CPI, booted to `CPITEST ready`
+/// later (both boot at once).
+fn create_vm(config: &Path, lvd: &PrivateLibvirtd, sc: &Value, agent: &str) -> Guest {
+    let r = cpi_ok(
+        config,
+        "create_vm",
+        json!([agent, sc, {"cpu": 1, "memory": 256}, {}, [], {}]),
+    );
+    Guest {
+        uri: lvd.uri(),
+        dir: lvd.dir.clone(),
+        vm: r[0].as_str().unwrap().to_string(),
+    }
+}
+
+/// A persistent disk of the test: its CID, volume path and bytes.
+struct TestDisk {
+    cid: String,
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Counts {
+    kills: usize,
+    finished: usize,
+    orphaned: usize,
+    removed: usize,
+    recovered: usize,
+}
+
+/// Starts attach_disk of `disk` to `guest` and SIGKILLs libvirtd `delay`
+/// after QEMU opened the disk's file; restarts libvirtd. Counts the kill,
+/// and whether it left QEMU holding what libvirt does not know.
+fn kill_mid_attach(
+    lvd: &mut PrivateLibvirtd,
+    config: &Path,
+    guest: &Guest,
+    disk: &TestDisk,
+    delay: Duration,
+    counts: &mut Counts,
+    label: &str,
+) {
+    let qemu_pid = guest.qemu_pid();
+    let child = spawn_cpi(
+        Some(config),
+        &director_request("attach_disk", json!([guest.vm, disk.cid])),
+    );
+    let t = Instant::now();
+    while !has_open(qemu_pid, &disk.path) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    std::thread::sleep(delay);
+    lvd.kill();
+    counts.kills += 1;
+    let killed = wait_with_timeout(child, CPI_CALL_TIMEOUT);
+    let killed: Value = serde_json::from_slice(&killed.stdout).unwrap_or(Value::Null);
+    if killed["error"].is_null() {
+        counts.finished += 1;
+    }
+    lvd.run();
+    let (nodes, devices) = guest.qemu_view(&disk.path);
+    if nodes.iter().chain(&devices).any(|x| x.ends_with('?')) {
+        counts.orphaned += 1;
+    }
+    eprintln!(
+        "{label}: libvirtd killed {delay:?} after QEMU opened the disk; the call answered {}; \
+         QEMU then held nodes {nodes:?}, devices {devices:?} (? = unknown to libvirt)",
+        killed["error"]["message"]
+    );
+}
+
+/// The disk is attached to `holder` exactly once (live and persistent
+/// definitions, QEMU, the guest), to `other` not at all, and its bytes are
+/// unchanged.
+fn check_attached(
+    uri: &str,
+    disk: &TestDisk,
+    holder: &Guest,
+    other: &Guest,
+    label: &str,
+    failures: &mut Vec<String>,
+) {
+    // The root disks have no serial: only persistent disks count.
+    let counts = (holder.serials(false), holder.serials(true));
+    if counts != (1, 1) {
+        failures.push(format!(
+            "{label}: {} appears {counts:?} times (live, persistent)",
+            disk.cid
+        ));
+    }
+    let (nodes, devices) = holder.qemu_view(&disk.path);
+    if devices.len() != 1 || nodes.iter().chain(&devices).any(|x| x.ends_with('?')) {
+        failures.push(format!(
+            "{label}: QEMU holds nodes {nodes:?}, devices {devices:?}"
+        ));
+    }
+    let elsewhere = other.qemu_view(&disk.path);
+    if other.serials(false) + other.serials(true) != 0 || elsewhere != (vec![], vec![]) {
+        failures.push(format!(
+            "{label}: the other VM still holds the disk: QEMU nodes {:?}, devices {:?}",
+            elsewhere.0, elsewhere.1
+        ));
+    }
+    holder.wait_guest_sees(&disk.cid, 1);
+    other.wait_guest_sees(&disk.cid, 0);
+    if download(uri, &disk.cid) != disk.bytes {
+        failures.push(format!("{label}: the disk's bytes changed"));
+    }
+}
+
+/// What a removal logged, if anything.
+fn removal_logged(log: &str) -> Option<&str> {
+    log.lines().find(|l| l.contains("removed what"))
+}
+
 #[test]
 fn a_libvirtd_killed_mid_hot_plug_never_blocks_the_retry() {
     let started = Instant::now();
@@ -218,124 +337,131 @@ fn a_libvirtd_killed_mid_hot_plug_never_blocks_the_retry() {
         "create_stemcell",
         json!([image, {"disk_format": "qcow2"}]),
     );
-    let r = cpi_ok(
-        &config,
-        "create_vm",
-        json!(["agent-hotplug-faults", sc, {"cpu": 1, "memory": 256}, {}, [], {}]),
-    );
-    let guest = Guest {
-        uri: uri.clone(),
-        dir: lvd.dir.clone(),
-        vm: r[0].as_str().unwrap().to_string(),
-    };
-    let vm = guest.vm.clone();
+    let a = create_vm(&config, &lvd, &sc, "agent-hotplug-faults-a");
+    let b = create_vm(&config, &lvd, &sc, "agent-hotplug-faults-b");
     // A raw disk holding a pattern (one block node) and a qcow2 one, the
     // default (a format node over a file node), used in turns; the bytes of
-    // each volume's file must never change (the test guest only lists
-    // its disks, it never writes to them).
+    // each volume's file must never change (the test guest only lists its
+    // disks, it never writes to them).
     let mut disks = Vec::new();
     for (seed, format) in [(71, "raw"), (72, "qcow2")] {
         let d = cpi_ok(&config, "create_disk", json!([1, {"format": format}, null]));
-        let d = d.as_str().unwrap().to_string();
+        let cid = d.as_str().unwrap().to_string();
         if format == "raw" {
             let mut rng = Lcg::new(seed);
             let bytes: Vec<u8> = (0..MIB).map(|_| rng.below(256) as u8).collect();
             let data = scratch_dir("hotplug-up").join("data");
             std::fs::write(&data, &bytes).unwrap();
-            guest.virsh(&["vol-upload", "--pool", "fault", &d, data.to_str().unwrap()]);
+            a.virsh(&[
+                "vol-upload",
+                "--pool",
+                "fault",
+                &cid,
+                data.to_str().unwrap(),
+            ]);
         }
-        let path = PathBuf::from(guest.virsh(&["vol-path", "--pool", "fault", &d]).trim());
-        let bytes = download(&uri, &d);
-        disks.push((d, path, bytes));
+        let path = PathBuf::from(a.virsh(&["vol-path", "--pool", "fault", &cid]).trim());
+        let bytes = download(&uri, &cid);
+        disks.push(TestDisk { cid, path, bytes });
     }
-    wait_console(&console_path(testbed(), &vm), "CPITEST ready", BOOT, |l| {
-        l.iter().any(|l| l == "ready")
-    });
+    for g in [&a, &b] {
+        wait_console(
+            &console_path(testbed(), &g.vm),
+            "CPITEST ready",
+            BOOT,
+            |l| l.iter().any(|l| l == "ready"),
+        );
+    }
 
     let mut rng = Lcg::from_env();
-    let (mut kills, mut finished, mut orphaned, mut cleaned, mut recovered) = (0, 0, 0, 0, 0);
+    let mut delay = || Duration::from_micros(rng.below(9) * 1000);
+    let mut counts = Counts::default();
     let mut failures = Vec::new();
-    for round in 0..ROUNDS {
-        let (d, path, bytes) = &disks[round % disks.len()];
-        let qemu_pid = guest.qemu_pid();
-        let delay = Duration::from_micros(rng.below(9) * 1000);
-        let child = spawn_cpi(
-            Some(&config),
-            &director_request("attach_disk", json!([vm, d])),
-        );
-        let t = Instant::now();
-        while !has_open(qemu_pid, path) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        std::thread::sleep(delay);
-        lvd.kill();
-        kills += 1;
-        let killed = wait_with_timeout(child, CPI_CALL_TIMEOUT);
-        let killed: Value = serde_json::from_slice(&killed.stdout).unwrap_or(Value::Null);
-        if killed["error"].is_null() {
-            finished += 1;
-        }
-        lvd.run();
-        let left = guest.qemu_view(path);
-        if left.0.iter().chain(&left.1).any(|x| x.ends_with('?')) {
-            orphaned += 1;
-        }
-        eprintln!(
-            "round {round}: libvirtd killed {delay:?} after QEMU opened the disk; the call answered {}; \
-             QEMU then held nodes {:?}, devices {:?} (? = unknown to libvirt)",
-            killed["error"]["message"], left.0, left.1
-        );
 
-        // The director's retry.
-        let (retry, log) = cpi(&config, "attach_disk", json!([vm, d]));
+    // The director repeats attach_disk on the same VM
+    // (deployment_plan/steps/attach_disk_step.rb).
+    for round in 0..RETRY_ROUNDS {
+        let disk = &disks[round % disks.len()];
+        let label = format!("retry round {round}");
+        kill_mid_attach(&mut lvd, &config, &a, disk, delay(), &mut counts, &label);
+        let (retry, log) = cpi(&config, "attach_disk", json!([a.vm, disk.cid]));
         if !retry["error"].is_null() {
             // The director's next attempt, to show whether it stays blocked.
-            let (again, _) = cpi(&config, "attach_disk", json!([vm, d]));
+            let (again, _) = cpi(&config, "attach_disk", json!([a.vm, disk.cid]));
             failures.push(format!(
-                "round {round}: the retry failed: {}; and the one after it: {}",
+                "{label}: the retry failed: {}; and the one after it: {}",
                 retry["error"]["message"], again["error"]["message"]
             ));
             break;
         }
-        recovered += 1;
-        if let Some(l) = log.lines().find(|l| l.contains("removed what")) {
-            cleaned += 1;
-            eprintln!("round {round}: the retry logged: {l}");
+        counts.recovered += 1;
+        if let Some(l) = removal_logged(&log) {
+            counts.removed += 1;
+            eprintln!("{label}: the retry logged: {l}");
         }
-        let counts = (guest.serials(false), guest.serials(true));
-        // The root disk has no serial: only the persistent disk counts.
-        if counts != (1, 1) {
-            failures.push(format!(
-                "round {round}: {d} appears {counts:?} times (live, persistent)"
-            ));
-        }
-        let view = guest.qemu_view(path);
-        if view.1.len() != 1 || view.0.iter().chain(&view.1).any(|x| x.ends_with('?')) {
-            failures.push(format!(
-                "round {round}: after the retry QEMU holds nodes {:?}, devices {:?}",
-                view.0, view.1
-            ));
-        }
-        let seen = guest.wait_guest_sees(d, 1);
-        eprintln!("round {round}: the guest sees {seen}");
-        if download(&uri, d) != *bytes {
-            failures.push(format!("round {round}: the disk's bytes changed"));
-        }
+        check_attached(&uri, disk, &a, &b, &label, &mut failures);
         // End of round: the director's detach_disk; the guest releases it.
-        cpi_ok(&config, "detach_disk", json!([vm, d]));
-        guest.wait_guest_sees(d, 0);
+        cpi_ok(&config, "detach_disk", json!([a.vm, disk.cid]));
+        a.wait_guest_sees(&disk.cid, 0);
         if !failures.is_empty() {
             break;
         }
     }
+
+    // The disk moves on instead: create-swap-delete detaches it from the
+    // old VM, rescuing DiskNotAttached, and attaches it to the new one while
+    // the old one still runs (deployment_plan/steps/detach_disk_step.rb,
+    // attach_disk_step.rb). QEMU's image lock refuses the new VM while the
+    // old one's QEMU still holds the disk.
+    for round in 0..SWAP_ROUNDS {
+        if !failures.is_empty() {
+            break;
+        }
+        let disk = &disks[round % disks.len()];
+        let label = format!("swap round {round}");
+        kill_mid_attach(&mut lvd, &config, &a, disk, delay(), &mut counts, &label);
+        let (detach, log) = cpi(&config, "detach_disk", json!([a.vm, disk.cid]));
+        let kind = detach["error"]["type"].as_str().unwrap_or("");
+        if !detach["error"].is_null() && kind != "Bosh::Clouds::DiskNotAttached" {
+            failures.push(format!("{label}: detach_disk failed: {}", detach["error"]));
+            break;
+        }
+        if let Some(l) = removal_logged(&log) {
+            counts.removed += 1;
+            eprintln!("{label}: the detach logged: {l}");
+        }
+        let (attach, _) = cpi(&config, "attach_disk", json!([b.vm, disk.cid]));
+        if !attach["error"].is_null() {
+            failures.push(format!(
+                "{label}: after detach_disk from the old VM answered {}, attaching to the new VM failed: {}",
+                if detach["error"].is_null() { "success".into() } else { detach["error"]["type"].to_string() },
+                attach["error"]["message"]
+            ));
+            break;
+        }
+        counts.recovered += 1;
+        check_attached(&uri, disk, &b, &a, &label, &mut failures);
+        cpi_ok(&config, "detach_disk", json!([b.vm, disk.cid]));
+        b.wait_guest_sees(&disk.cid, 0);
+    }
+
+    let Counts {
+        kills,
+        finished,
+        orphaned,
+        removed,
+        recovered,
+    } = counts;
     eprintln!(
         "HOTPLUG kills {kills} finished-before-kill {finished} orphans-left {orphaned} \
-         removed-by-retry {cleaned} recovered-by-retry {recovered} secs {}",
+         removed-by-the-next-call {removed} recovered {recovered} secs {}",
         started.elapsed().as_secs()
     );
-    cpi_ok(&config, "delete_vm", json!([vm]));
-    for (d, _, _) in &disks {
-        cpi_ok(&config, "delete_disk", json!([d]));
+    for g in [&a, &b] {
+        cpi_ok(&config, "delete_vm", json!([g.vm]));
+    }
+    for d in &disks {
+        cpi_ok(&config, "delete_disk", json!([d.cid]));
     }
     cpi_ok(&config, "delete_stemcell", json!([sc]));
     assert!(failures.is_empty(), "{failures:#?}");

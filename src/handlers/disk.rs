@@ -686,6 +686,33 @@ fn detach_locked(
     let live = disks.live_ref(r).cloned();
     let config = disks.config_ref(r).cloned();
     if live.is_none() && config.is_none() {
+        // libvirt does not know it here, but QEMU may still hold it: a
+        // hot-plug that libvirtd did not live to record (see
+        // libvirt/orphan_nodes.rs). The director's detach before it
+        // attaches the disk elsewhere (create-swap-delete) removes that too;
+        // otherwise QEMU's image lock refuses the other VM.
+        // Only a device the guest has yet to release fails the call; QEMU
+        // that cannot be asked leaves the answer DiskNotAttached.
+        if let (true, Some(path)) = (disks.running, r.path) {
+            let orphans = match lv.remove_orphan_block_nodes(domain, vm_cid, path, DETACH_TIMEOUT) {
+                Ok(o) => o,
+                Err(e) if e.ok_to_retry => return Err(e),
+                Err(e) => {
+                    call.log.warn(format!(
+                        "looking in QEMU for what a hot-plug of {disk_cid} may have left: {}",
+                        e.message
+                    ));
+                    Default::default()
+                }
+            };
+            if !orphans.is_empty() {
+                call.log.summary(format!(
+                    "detached disk {disk_cid} from {vm_cid}: removed what a hot-plug that \
+                     libvirtd did not live to record left in QEMU ({orphans})"
+                ));
+                return Ok(Value::Null);
+            }
+        }
         return Err(not_attached());
     }
     if let Some(dev) = &live {

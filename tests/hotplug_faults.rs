@@ -1,25 +1,31 @@
 //! libvirtd killed (SIGKILL) in the middle of a disk hot-plug, then what
-//! the director does next: attach_disk again. Issue 11, item 7: the kill
-//! leaves QEMU holding the disk's block node, and with it the guest device,
-//! that the restarted libvirtd no longer knows (its status XML predates
-//! them: libvirt src/qemu/qemu_hotplug.c qemuDomainAttachDiskGeneric adds
-//! the nodes and the device before virDomainDiskInsert records the disk).
-//! Before the fix every later attach of that disk failed until the VM was
-//! powered off: first "Duplicate nodes with node-name='libvirt-4-storage'",
-//! then "Duplicate device ID 'virtio-disk1'", and a detach_disk answered
-//! DiskNotAttached.
+//! the director does next. Issue 11, item 7: the kill leaves QEMU holding
+//! the disk's block node(s), and usually the guest device, that the
+//! restarted libvirtd no longer knows (its status XML predates them: libvirt
+//! src/qemu/qemu_hotplug.c qemuDomainAttachDiskGeneric adds the nodes and
+//! the device before virDomainDiskInsert records the disk). Before the fix
+//! every later attach of that disk to that VM failed until the VM was
+//! powered off ("Duplicate nodes with node-name='libvirt-4-storage'", then
+//! "Duplicate device ID 'virtio-disk1'" or "Failed to get \"write\" lock"),
+//! detach_disk answered DiskNotAttached, and attaching it to another VM
+//! failed with "Failed to get \"write\" lock".
 //!
-//! The guest is the real test stemcell (ci/build-test-stemcells): it
-//! releases an unplugged device, as a Linux guest whose agent never mounted
-//! the disk does, and reports the disks it sees on its console. Everything
-//! runs on a libvirtd of the test's own (tests/common `PrivateLibvirtd`),
-//! killed and restarted once per round. The kill comes a seeded 0-8 ms after
-//! QEMU opened the disk's file (`blockdev-add` done), the window before
-//! libvirt records the disk; each round prints what the restarted libvirtd
-//! left in QEMU. Then the retry must succeed at once, the disk be in the
-//! live and persistent definitions once, seen by the guest once, held by no
-//! node libvirt does not know, and its bytes unchanged; a detach_disk (the
-//! guest releases it) ends the round.
+//! The guests run the real test stemcell (ci/build-test-stemcells): they
+//! release an unplugged device, as a Linux guest whose agent never mounted
+//! the disk does, and report the disks they see on their consoles.
+//! Everything runs on a libvirtd of the test's own (tests/common
+//! `PrivateLibvirtd`), killed and restarted once per round. The kill comes a
+//! seeded 0-8 ms (FAULT_SEED) after QEMU opened the disk's file
+//! (`blockdev-add` done), the window before libvirt records the disk; each
+//! round prints what the restarted libvirtd left in QEMU. Then, as the
+//! director would: either attach_disk again (it must succeed at once), or
+//! detach_disk from that VM and attach_disk to another running one
+//! (create-swap-delete). Either way the disk must end up in exactly one VM:
+//! once in its live and persistent definitions, once in its guest, held by
+//! no QEMU node libvirt does not know, absent from the other VM, and with
+//! its bytes unchanged. A detach_disk (the guest releases it) ends a round.
+//! The row `HOTPLUG kills ...` (run with `--nocapture`) counts the kills,
+//! those that left something in QEMU, and the next calls that removed it.
 
 mod common;
 

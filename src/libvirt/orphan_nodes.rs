@@ -7,18 +7,22 @@
 //! Why libvirt forgets them (libvirt 11.3, src/qemu/qemu_hotplug.c):
 //! qemuDomainAttachDeviceDiskLiveInternal gives the disk its node names
 //! (qemuDomainPrepareDiskSource: `libvirt-<N>-storage`/`-format`, N from
-//! qemuDomainStorageIDNew, i.e. `++priv->nodenameindex` in qemu_domain.c),
-//! then qemuDomainAttachDiskGeneric runs `blockdev-add` for them
-//! (qemuBlockStorageSourceChainAttach) and `device_add` for the guest
-//! device; only after both does it add the disk to the live definition
-//! (virDomainDiskInsert), which is then written to the status XML, together
-//! with `<nodename index='N'/>` (qemuDomainObjPrivateXMLFormat). A libvirtd
+//! qemuDomainStorageIDNew, `++priv->nodenameindex` in
+//! src/qemu/qemu_domain.c), then qemuDomainAttachDiskGeneric runs
+//! `blockdev-add` for them (qemuBlockStorageSourceChainAttach) and
+//! `device_add` for the guest device; only after both does it add the disk
+//! to the live definition (virDomainDiskInsert), which is then written to
+//! the status XML together with `<nodename index='N'/>`
+//! (qemuDomainObjPrivateXMLFormat, src/qemu/qemu_domain.c). A libvirtd
 //! killed in between restarts from the older status XML: no such disk, and
-//! the old node index. Measured here (libvirt 11.3, QEMU 10.0): the next
-//! attach fails with "Duplicate nodes with node-name='libvirt-4-storage'"
-//! (the index is reused), every one after it with "Duplicate device ID
-//! 'virtio-disk1'" (the same target gets the same alias), and a
-//! `virsh detach-disk` cannot help: libvirt has no such disk.
+//! the old node index. Measured here (libvirt 11.3, QEMU 10.0, kills 0-8
+//! ms after QEMU opened the file, tests/hotplug_faults.rs): the next
+//! attach fails with
+//! "Duplicate nodes with node-name='libvirt-4-storage'" (the index is
+//! reused), the ones after it with "Duplicate device ID 'virtio-disk1'"
+//! (raw: the same target gets the same alias) or "Failed to get \"write\"
+//! lock" (qcow2); `virsh detach-disk` cannot help (libvirt has no such
+//! disk), and another VM cannot attach the disk either (QEMU's image lock).
 //!
 //! Only what belongs to the disk's own file and is unknown to the live
 //! definition is removed: the nodes whose `file` is the disk's path, the
@@ -26,8 +30,9 @@
 //! device is unplugged the way libvirt unplugs one (`device_del`, which the
 //! guest must acknowledge) and counts as gone only once QEMU no longer lists
 //! it; its nodes go after it (`blockdev-del`). libvirt marks a domain whose
-//! monitor was used directly as tainted ("custom-monitor"); this happens
-//! only when such leftovers were found.
+//! monitor was used directly as tainted ("custom-monitor"): the handlers
+//! look only after a hot-plug failed, or when a detach finds the disk
+//! missing from a running domain's live XML.
 //!
 //! Boundary: QMP and libvirt's live XML only; which BOSH error a failure
 //! becomes is the handler's business.

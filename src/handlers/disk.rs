@@ -351,6 +351,32 @@ fn attach_locked(
             call.libvirt()?
                 .attach_disk_device(domain, vm_cid, &xml, false, true)?;
         }
+        // A libvirtd that died in the middle of an earlier hot-plug of this
+        // disk leaves QEMU holding its block nodes (and maybe the guest
+        // device) unknown to libvirt: every hot-plug of it fails until
+        // they are gone (see libvirt/orphan_nodes.rs). A lost connection
+        // (retryable) says nothing about QEMU: the next call looks.
+        Err(e) if need_live && !e.ok_to_retry => {
+            let orphans = call
+                .libvirt()?
+                .remove_orphan_block_nodes(domain, vm_cid, &disk.facts.path, DETACH_TIMEOUT)
+                .map_err(|c| {
+                    c.context(format!(
+                        "{}; then, removing what an earlier hot-plug left",
+                        e.message
+                    ))
+                })?;
+            if orphans.is_empty() {
+                return Err(e);
+            }
+            call.log.warn(format!(
+                "hot-plugging {disk_cid} into {vm_cid} failed ({}): removed what an earlier \
+                 hot-plug that libvirtd did not live to record left in QEMU ({orphans}); attaching again",
+                e.message
+            ));
+            call.libvirt()?
+                .attach_disk_device(domain, vm_cid, &xml, need_live, need_config)?;
+        }
         Err(e) => return Err(e),
     }
     if !tracked {
@@ -491,6 +517,33 @@ fn detach_locked(
     let live = disks.live_ref(r).cloned();
     let config = disks.config_ref(r).cloned();
     if live.is_none() && config.is_none() {
+        // libvirt does not know it here, but QEMU may still hold it: a
+        // hot-plug that libvirtd did not live to record (see
+        // libvirt/orphan_nodes.rs). The director's detach before it
+        // attaches the disk elsewhere (create-swap-delete) removes that too;
+        // otherwise QEMU's image lock refuses the other VM.
+        // Only a device the guest has yet to release fails the call; QEMU
+        // that cannot be asked leaves the answer DiskNotAttached.
+        if let (true, Some(path)) = (disks.running, r.path) {
+            let orphans = match lv.remove_orphan_block_nodes(domain, vm_cid, path, DETACH_TIMEOUT) {
+                Ok(o) => o,
+                Err(e) if e.ok_to_retry => return Err(e),
+                Err(e) => {
+                    call.log.warn(format!(
+                        "looking in QEMU for what a hot-plug of {disk_cid} may have left: {}",
+                        e.message
+                    ));
+                    Default::default()
+                }
+            };
+            if !orphans.is_empty() {
+                call.log.summary(format!(
+                    "detached disk {disk_cid} from {vm_cid}: removed what a hot-plug that \
+                     libvirtd did not live to record left in QEMU ({orphans})"
+                ));
+                return Ok(Value::Null);
+            }
+        }
         return Err(not_attached());
     }
     if let Some(dev) = &live {

@@ -53,7 +53,19 @@ mod tests {
         // Primary volume descriptor at sector 16: "CD001", volume id at offset 40.
         assert_eq!(&iso[16 * 2048 + 1..16 * 2048 + 6], b"CD001");
         assert_eq!(&iso[16 * 2048 + 40..16 * 2048 + 48], b"config-2");
-        let needle = serde_json::to_vec(&settings).unwrap();
-        assert!(iso.windows(needle.len()).any(|w| w == needle));
+        // As the guest reads it: every file by its Rock Ridge path.
+        let files = crate::iso9660::reader::entries(&iso);
+        let read = |path: &str| {
+            let file = files.iter().find(|e| e.path == path);
+            let data = file.and_then(|e| e.data.as_deref());
+            serde_json::from_slice::<Value>(data.unwrap_or_else(|| panic!("no {path}"))).unwrap()
+        };
+        assert_eq!(read(USER_DATA), settings);
+        assert_eq!(read("openstack/latest/user_data"), settings);
+        assert_eq!(read(META_DATA), json!({"instance-id": "vm-1"}));
+        assert_eq!(
+            read("openstack/latest/meta_data.json"),
+            json!({"instance-id": "vm-1"})
+        );
     }
 }

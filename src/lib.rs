@@ -4,7 +4,6 @@
 //! response, whatever happens (bad input, bad config, libvirt failure, panic).
 
 pub mod check;
-pub mod cid;
 pub mod config;
 pub mod configdrive;
 pub mod creator;
@@ -16,7 +15,9 @@ pub mod iso9660;
 pub mod libvirt;
 pub mod log;
 pub mod method;
+pub mod names;
 pub mod net;
+pub mod records;
 pub mod settings;
 pub mod uri;
 pub mod vm_spec;

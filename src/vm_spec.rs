@@ -140,22 +140,6 @@ impl DiskOptions {
         a.push_str(&format!(" discard='{}'", self.discard));
         a
     }
-
-    /// As recorded in a persistent disk's record (so attach_disk applies it).
-    pub fn to_record(&self) -> Value {
-        json!({"bus": self.bus.as_str(), "cache": self.cache, "io": self.io, "discard": self.discard})
-    }
-
-    /// From a disk's record; a record of an older CPI (no options) gives the defaults.
-    pub fn from_record(record: &Value) -> Result<DiskOptions, String> {
-        let mut cp = Map::new();
-        for k in ["bus", "cache", "io", "discard"] {
-            if let Some(v) = record.get(k).filter(|v| !v.is_null()) {
-                cp.insert(k.to_string(), v.clone());
-            }
-        }
-        DiskOptions::parse(&cp, "")
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -792,19 +776,6 @@ mod tests {
         assert!(d.memory_balloon);
         assert_eq!(d.disk.driver_attrs(), " discard='unmap'");
         assert_eq!((d.firmware, d.graphics), (Firmware::Bios, Graphics::None));
-        // A disk record of an older CPI has no options: the defaults.
-        assert_eq!(
-            DiskOptions::from_record(&json!({"format": "raw"})).unwrap(),
-            DiskOptions::parse(&Map::new(), "").unwrap()
-        );
-        let o = DiskOptions::parse(
-            json!({"bus": "scsi", "cache": "writeback"})
-                .as_object()
-                .unwrap(),
-            "",
-        )
-        .unwrap();
-        assert_eq!(DiskOptions::from_record(&o.to_record()).unwrap(), o);
     }
 
     #[test]

@@ -1194,6 +1194,35 @@ fn holder_records_and_locks_of_disks() {
     ok(cfg(), "detach_disk", json!([vm1.name, legacy]));
 }
 
+/// A delete_disk killed after the disk volume went but before its lock was
+/// released (the fault suite hit it: the lock stayed through every later
+/// call): the director's retry finds no disk and still removes the lock and
+/// every other sidecar.
+#[test]
+fn a_retried_delete_disk_removes_the_lock_a_killed_one_left() {
+    let mut c = Cleanup::default();
+    let d = c.disk(16, json!({}));
+    ok(
+        cfg(),
+        "set_disk_metadata",
+        json!([d, {"deployment": "locks"}]),
+    );
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let lock = format!("{d}.lock");
+    put_volume(&lock, creator_of(dead, 1).as_bytes());
+    tb().virsh_ok(&["vol-delete", "--pool", &tb().pool_name(), &d]);
+
+    ok(cfg(), "delete_disk", json!([d]));
+    let left: Vec<String> = tb()
+        .volumes()
+        .into_iter()
+        .filter(|v| v.starts_with(&d))
+        .collect();
+    assert!(left.is_empty(), "left after the retry: {left:?}");
+}
+
 /// Attaches of one disk to four VMs at the same moment: the disk's lock lets
 /// exactly one through; the others are refused naming that VM (before the
 /// lock, all could see the disk free and more than one could keep it).

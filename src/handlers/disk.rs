@@ -17,136 +17,31 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
 
+use super::disk_record::{
+    checked_format, find_disk, holder_is_recorded, recorded_format, recorded_options, Disk,
+};
 use super::holder;
 use super::snapshot;
+use super::sweep::{self, Leftovers};
 use super::Call;
-use crate::cid;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::{disk_device_xml, next_free_target, DiskRef, Holder};
-use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts, MIB};
+use crate::libvirt::volume::{DiskFormat, MIB};
+use crate::libvirt::Libvirt;
 use crate::method::Object;
+use crate::names::{self, marker_name, tags_name};
+use crate::records::{DiskRecord, TagsRecord};
 use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How long detach_disk waits for the guest to release a hot-plugged disk.
 /// The director retries a failed detach, and the request stays pending meanwhile.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The key of a disk's `.meta` record saying its holder is recorded (see `holder`).
-const HOLDER_RECORD: &str = "holder_record";
-
 /// cloud_properties keys create_disk understands (bus, cache, io and
 /// discard: `DiskOptions`, recorded with the disk for attach_disk).
 const KNOWN_CLOUD_PROPERTIES: &[&str] =
     &["format", "source_snapshot", "bus", "cache", "io", "discard"];
-
-fn tags_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.tags")
-}
-
-/// A disk volume as found in the pool.
-pub(super) struct Disk {
-    pub cid: String,
-    pub vol: StorageVol,
-    pub facts: VolumeFacts,
-}
-
-impl Disk {
-    pub fn dref<'a>(&'a self, pool_name: &'a str) -> DiskRef<'a> {
-        DiskRef {
-            cid: &self.cid,
-            path: Some(&self.facts.path),
-            pool: pool_name,
-        }
-    }
-}
-
-/// The disk volume of a CID; `None` for an absent disk or a string that is not
-/// a disk CID at all (so hostile input never names some other volume).
-pub(super) fn find_disk(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-) -> Result<Option<Disk>> {
-    if !cid::is_disk_cid(disk_cid) {
-        return Ok(None);
-    }
-    let lv = call.libvirt()?;
-    let Some(vol) = lv.find_volume(pool, disk_cid)? else {
-        return Ok(None);
-    };
-    let facts = lv.volume_facts(&vol, disk_cid)?;
-    Ok(Some(Disk {
-        cid: disk_cid.to_string(),
-        vol,
-        facts,
-    }))
-}
-
-/// The format the disk was created with, from its `.meta` record. Without a
-/// record only a volume that libvirt probes as raw is usable (as raw): a
-/// qcow2 header in a disk without a record may have been written by a guest
-/// into a raw disk, and reading it as qcow2 could expose host files.
-pub(super) fn recorded_format(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk: &Disk,
-) -> Result<DiskFormat> {
-    let meta = marker_name(&disk.cid);
-    match call.libvirt()?.read_json_volume(pool, &meta)? {
-        Some(record) => record
-            .get("format")
-            .and_then(Value::as_str)
-            .and_then(DiskFormat::parse)
-            .ok_or_else(|| {
-                CpiError::cloud(format!(
-                    "{meta}: the disk's record has no valid \"format\" (qcow2 or raw): {record}"
-                ))
-            }),
-        None if disk.facts.format.as_deref() == Some("raw") => {
-            call.log.warn(format!(
-                "{}: no record {meta}; using the volume as raw, as libvirt probes it",
-                disk.cid
-            ));
-            Ok(DiskFormat::Raw)
-        }
-        None => Err(CpiError::cloud(format!(
-            "{}: the record {meta} of the disk's format is missing and libvirt probes the \
-             volume as {}; refusing to guess (a raw disk's first bytes are written by its guest). \
-             An operator who knows the format can recreate the record as a raw volume holding \
-             {{\"format\":\"qcow2\"}} or {{\"format\":\"raw\"}}",
-            disk.cid,
-            disk.facts.format.as_deref().unwrap_or("unknown")
-        ))),
-    }
-}
-
-/// The recorded format, checked against libvirt's own view before an
-/// operation where libvirt reads or rewrites the image itself (copy, resize):
-/// libvirt then trusts its probe, so the two must agree.
-pub(super) fn checked_format(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk: &Disk,
-) -> Result<DiskFormat> {
-    let format = recorded_format(call, pool, disk)?;
-    let probed = disk.facts.format.as_deref().unwrap_or("unknown");
-    if probed != format.as_str() || disk.facts.backing_path.is_some() {
-        return Err(CpiError::cloud(format!(
-            "{}: the disk was created as {} but libvirt now probes it as {probed}{}; refusing to \
-             let libvirt process it (a guest can write an image header into a raw disk)",
-            disk.cid,
-            format.as_str(),
-            disk.facts
-                .backing_path
-                .as_deref()
-                .map(|b| format!(" with backing store {b}"))
-                .unwrap_or_default()
-        )));
-    }
-    Ok(format)
-}
 
 fn attached_elsewhere(disk_cid: &str, holder: &Holder, doing: &str) -> CpiError {
     CpiError::cloud(format!(
@@ -227,7 +122,7 @@ pub fn create_disk(
         ));
     }
 
-    let disk_cid = cid::new_disk_cid();
+    let disk_cid = names::new_disk_cid();
     let vol = match source_snapshot {
         None => call
             .libvirt()?
@@ -265,18 +160,7 @@ pub fn create_disk(
     // Before the record: a kill during the sweep leaves an unrecorded disk
     // (swept in turn), never a complete one the director does not know.
     sweep_unrecorded_disks(call, &pool, &disk_cid);
-    let mut record = json!({
-        "format": format.as_str(),
-        "size_mib": size_mib,
-        "created_at": crate::log::timestamp(),
-        HOLDER_RECORD: true,
-    });
-    if let Some(s) = source_snapshot {
-        record["source_snapshot"] = json!(s);
-    }
-    if let (Value::Object(r), Value::Object(o)) = (&mut record, options.to_record()) {
-        r.extend(o);
-    }
+    let record = DiskRecord::new(format.as_str(), size_mib, source_snapshot, &options);
     let lv = call.libvirt()?;
     lv.mark_complete(&pool, &disk_cid, &record)
         .map_err(|e| e.context(format!("recording disk {disk_cid}")))?;
@@ -302,64 +186,40 @@ const UNRECORDED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 /// (set_disk_metadata and attach_disk follow create_disk): such a disk is
 /// never swept, whatever its record.
 fn sweep_unrecorded_disks(call: &mut Call, pool: &StoragePool, own: &str) {
-    let cfg = call.config;
-    let swept = (|| -> Result<Vec<String>> {
-        let lv = call.libvirt()?;
-        let Some(now) = lv
-            .find_volume(pool, own)?
-            .map(|v| lv.volume_facts(&v, own))
-            .transpose()?
-            .and_then(|f| f.mtime)
-        else {
-            return Ok(Vec::new());
+    let pool_name = call.config.pool.name.clone();
+    let candidate = |name: &str, all: &[String]| {
+        names::is_disk_cid(name)
+            && !all.contains(&tags_name(name))
+            && !all.contains(&names::holder_name(name))
+    };
+    let in_use = |lv: &Libvirt, name: &str| -> Result<bool> {
+        let Some(vol) = lv.find_volume(pool, name)? else {
+            return Ok(false);
         };
-        let names = lv.volume_names_with_prefix(pool, "disk-")?;
-        let mut removed = Vec::new();
-        for name in &names {
-            if name == own
-                || !cid::is_disk_cid(name)
-                || names.contains(&tags_name(name))
-                || names.contains(&holder::holder_name(name))
-                || !lv.volume_untouched_for(pool, name, UNRECORDED_MAX_AGE_SECS, now)?
-                || lv.has_valid_marker(pool, name)?
-            {
-                continue;
-            }
-            let Some(vol) = lv.find_volume(pool, name)? else {
-                continue;
-            };
-            let path = lv.volume_facts(&vol, name)?.path;
-            let r = DiskRef {
-                cid: name,
-                path: Some(&path),
-                pool: &cfg.pool.name,
-            };
-            if !lv.disk_holders(&r)?.is_empty() {
-                continue;
-            }
-            if lv.delete_volume(pool, name)? {
-                removed.push(name.clone());
-            }
-            if lv.delete_volume(pool, &marker_name(name))? {
-                removed.push(marker_name(name));
-            }
-        }
-        Ok(removed)
-    })();
-    match swept {
-        Ok(removed) if !removed.is_empty() => call.log.info(format!(
-            "removed disks that killed create_disk calls left unrecorded: {}",
-            removed.join(", ")
-        )),
-        Ok(_) => {}
-        Err(e) => call
-            .log
-            .warn(format!("not sweeping unrecorded disks: {}", e.message)),
-    }
+        let path = lv.volume_facts(&vol, name)?.path;
+        let r = DiskRef {
+            cid: name,
+            path: Some(&path),
+            pool: &pool_name,
+        };
+        Ok(!lv.disk_holders(&r)?.is_empty())
+    };
+    sweep::sweep(
+        call,
+        pool,
+        own,
+        &Leftovers {
+            prefix: names::DISK_PREFIX,
+            max_age_secs: UNRECORDED_MAX_AGE_SECS,
+            candidate: &candidate,
+            in_use: &in_use,
+            what: "disks that killed create_disk calls left unrecorded",
+        },
+    );
 }
 
 pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
-    if !cid::is_disk_cid(disk_cid) {
+    if !names::is_disk_cid(disk_cid) {
         return Ok(Value::Bool(false));
     }
     let cfg = call.config;
@@ -369,7 +229,7 @@ pub fn has_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
 }
 
 pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
-    if !cid::is_disk_cid(disk_cid) {
+    if !names::is_disk_cid(disk_cid) {
         call.log
             .info(format!("{disk_cid} is not a disk CID: nothing to delete"));
         return Ok(Value::Null);
@@ -398,16 +258,19 @@ pub fn delete_disk(call: &mut Call, disk_cid: &str) -> Result<Value> {
             .info(format!("disk {disk_cid} does not exist: nothing to delete")),
     }
     // Sidecars go last, and also when the disk itself was already gone (a
-    // previous attempt may have stopped half-way).
+    // previous attempt may have stopped half-way, between deleting the disk
+    // and releasing its lock: with the disk gone no call takes that lock
+    // again, so it goes here).
     let lv = call.libvirt()?;
     lv.delete_volume(&pool, &tags_name(disk_cid))?;
-    lv.delete_volume(&pool, &holder::holder_name(disk_cid))?;
+    lv.delete_volume(&pool, &names::holder_name(disk_cid))?;
     lv.delete_volume(&pool, &marker_name(disk_cid))?;
+    lv.delete_volume(&pool, &names::lock_name(disk_cid))?;
     Ok(Value::Null)
 }
 
 pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let cfg = call.config;
@@ -531,38 +394,6 @@ fn hint_path(options: &DiskOptions, target: &str, disk_cid: &str) -> String {
     }
 }
 
-/// The bus and cache/io/discard options create_disk recorded with the disk
-/// (an older CPI's record has none: the defaults), and whether its holder is
-/// recorded (see `holder`).
-fn recorded_options(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-) -> Result<(DiskOptions, bool)> {
-    let meta = marker_name(disk_cid);
-    let record = call.libvirt()?.read_json_volume(pool, &meta)?;
-    match record {
-        Some(r) => DiskOptions::from_record(&r)
-            .map(|o| (o, tracks_holder(&r)))
-            .map_err(|e| CpiError::cloud(format!("{meta}: {e}"))),
-        None => Ok((DiskOptions::default(), false)),
-    }
-}
-
-/// Whether the disk's holder is recorded, for calls that must not fail on an
-/// unreadable `.meta` record (they then read every domain instead).
-pub(super) fn holder_is_recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> bool {
-    call.libvirt()
-        .and_then(|lv| lv.read_json_volume(pool, &marker_name(disk_cid)))
-        .ok()
-        .flatten()
-        .is_some_and(|r| tracks_holder(&r))
-}
-
-fn tracks_holder(record: &Value) -> bool {
-    record.get(HOLDER_RECORD) == Some(&Value::Bool(true))
-}
-
 /// Backs out an attach that lost a race (see attach_disk).
 fn undo_attach(
     call: &mut Call,
@@ -601,7 +432,7 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
             format!("{disk_cid} is not attached to {vm_cid}"),
         )
     };
-    if !cid::is_vm_cid(vm_cid) || !cid::is_disk_cid(disk_cid) {
+    if !names::is_vm_cid(vm_cid) || !names::is_disk_cid(disk_cid) {
         return Err(not_attached());
     }
     let cfg = call.config;
@@ -684,7 +515,7 @@ fn detach_locked(
 }
 
 pub fn get_disks(call: &mut Call, vm_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let lv = call.libvirt()?;
@@ -699,7 +530,7 @@ pub fn get_disks(call: &mut Call, vm_cid: &str) -> Result<Value> {
     let mut cids: Vec<String> = Vec::new();
     for d in disks.live.iter().chain(&disks.config) {
         if let Some(s) = &d.serial {
-            if cid::is_disk_cid(s) && !cids.contains(s) {
+            if names::is_disk_cid(s) && !cids.contains(s) {
                 cids.push(s.clone());
             }
         }
@@ -780,7 +611,10 @@ pub fn set_disk_metadata(call: &mut Call, disk_cid: &str, metadata: &Object) -> 
     if find_disk(call, &pool, disk_cid)?.is_none() {
         return Err(CpiError::disk_not_found(disk_cid));
     }
-    let doc = json!({"metadata": metadata, "updated_at": crate::log::timestamp()});
+    let doc = TagsRecord {
+        metadata: metadata.clone(),
+        updated_at: crate::log::timestamp(),
+    };
     call.libvirt()?
         .write_json_volume(&pool, &tags_name(disk_cid), &doc)
         .map_err(|e| e.context(format!("storing metadata of disk {disk_cid}")))?;

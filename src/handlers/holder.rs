@@ -17,13 +17,14 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use virt::storage_pool::StoragePool;
 
 use super::Call;
 use crate::creator::{Creator, Liveness};
 use crate::error::{CpiError, Result};
 use crate::libvirt::disk::{DiskRef, Holder};
+use crate::names::{holder_name, lock_name};
+use crate::records::HolderRecord;
 
 /// How long a call waits for another call on the same disk to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
@@ -31,14 +32,6 @@ const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// a readable creator after this long was made by a call killed in between.
 const UNWRITTEN_LOCK_STALE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
-
-fn lock_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.lock")
-}
-
-pub(super) fn holder_name(disk_cid: &str) -> String {
-    format!("{disk_cid}.holder")
-}
 
 /// Runs `f` holding the disk's lock; the lock is released whatever `f` returns.
 pub(super) fn with_lock<T>(
@@ -127,15 +120,13 @@ enum Recorded {
 
 fn recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> Result<Recorded> {
     let lv = call.libvirt()?;
-    Ok(match lv.read_json_volume(pool, &holder_name(disk_cid)) {
-        Ok(None) => Recorded::Nobody,
-        Ok(Some(doc)) => match doc.get("vm") {
-            Some(Value::String(vm)) => Recorded::Vm(vm.clone()),
-            Some(Value::Null) => Recorded::Nobody,
-            _ => Recorded::Unreadable,
+    Ok(
+        match lv.read_json_volume::<HolderRecord>(pool, &holder_name(disk_cid)) {
+            Ok(None) | Ok(Some(HolderRecord { vm: None })) => Recorded::Nobody,
+            Ok(Some(HolderRecord { vm: Some(vm) })) => Recorded::Vm(vm),
+            Err(_) => Recorded::Unreadable,
         },
-        Err(_) => Recorded::Unreadable,
-    })
+    )
 }
 
 /// The domains that hold the disk (live or persistent definition). With a
@@ -169,7 +160,13 @@ pub(super) fn record_holder(
     vm: &str,
 ) -> Result<()> {
     call.libvirt()?
-        .write_json_volume(pool, &holder_name(disk_cid), &json!({ "vm": vm }))
+        .write_json_volume(
+            pool,
+            &holder_name(disk_cid),
+            &HolderRecord {
+                vm: Some(vm.to_string()),
+            },
+        )
         .map_err(|e| {
             e.context(format!(
                 "recording that disk {disk_cid} is attached to {vm}"

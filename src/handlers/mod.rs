@@ -3,10 +3,12 @@
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
 mod disk;
+mod disk_record;
 mod holder;
 pub mod info;
 mod snapshot;
 mod stemcell;
+mod sweep;
 mod vm;
 
 use serde_json::Value;

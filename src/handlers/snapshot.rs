@@ -22,56 +22,22 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::disk::{checked_format, find_disk, holder_is_recorded, recorded_format};
+use super::disk_record::{checked_format, find_disk, holder_is_recorded, recorded_format};
 use super::holder;
+use super::sweep::{self, Leftovers};
 use super::Call;
-use crate::cid;
 use crate::error::{CpiError, Result};
-use crate::libvirt::volume::{marker_name, DiskFormat, VolumeFacts};
+use crate::libvirt::volume::{DiskFormat, VolumeFacts};
 use crate::method::Object;
+use crate::names::{self, is_snapshot_cid, marker_name, new_snapshot_cid};
+use crate::records::SnapshotRecord;
 
 /// A live copy that makes no progress for this long is abandoned.
 const LIVE_COPY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-const PREFIX: &str = "snap-";
-
-/// `snap-<disk cid>-<YYYYMMDDTHHMMSS>-<6 hex>`: sorts by disk, then by time.
-fn new_snapshot_cid(disk_cid: &str) -> String {
-    let stamp: String = crate::log::timestamp()
-        .chars()
-        .take_while(|c| *c != '.')
-        .filter(|c| *c != '-' && *c != ':')
-        .collect();
-    let hex = uuid::Uuid::new_v4().simple().to_string();
-    format!("{PREFIX}{disk_cid}-{stamp}-{}", &hex[..6])
-}
-
-pub fn is_snapshot_cid(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix(PREFIX) else {
-        return false;
-    };
-    let parts: Vec<&str> = rest.rsplitn(3, '-').collect();
-    let [hex, stamp, disk] = parts[..] else {
-        return false;
-    };
-    cid::is_disk_cid(disk)
-        && stamp.len() == 15
-        && stamp.bytes().enumerate().all(|(i, b)| {
-            if i == 8 {
-                b == b'T'
-            } else {
-                b.is_ascii_digit()
-            }
-        })
-        && hex.len() == 6
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
 
 pub(super) struct Snapshot {
     pub vol: StorageVol,
@@ -173,14 +139,14 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
 
     sweep_unfinished_snapshots(call, &pool, disk_cid, &snapshot_cid);
 
-    let record = json!({
-        "disk_cid": disk_cid,
-        "disk_format": disk_format.as_str(),
-        "capacity_bytes": capacity,
-        "created_at": crate::log::timestamp(),
-        "consistency": consistency,
-        "metadata": metadata,
-    });
+    let record = SnapshotRecord {
+        capacity_bytes: capacity,
+        consistency: consistency.clone(),
+        created_at: crate::log::timestamp(),
+        disk_cid: disk_cid.to_string(),
+        disk_format: disk_format.as_str().to_string(),
+        metadata: metadata.clone(),
+    };
     let lv = call.libvirt()?;
     lv.mark_complete(&pool, &snapshot_cid, &record)
         .map_err(|e| e.context(format!("recording snapshot {snapshot_cid}")))?;
@@ -198,49 +164,19 @@ const UNFINISHED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 /// Best effort, never fails the call: removes unfinished snapshots of
 /// `disk_cid`, judged by the host's clock as read from `own` (just made).
 fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &str, own: &str) {
-    let swept = (|| -> Result<Vec<String>> {
-        let lv = call.libvirt()?;
-        let Some(now) = lv
-            .find_volume(pool, own)?
-            .map(|v| lv.volume_facts(&v, own))
-            .transpose()?
-            .and_then(|f| f.mtime)
-        else {
-            return Ok(Vec::new());
-        };
-        let mut removed = Vec::new();
-        let names = lv.volume_names_with_prefix(pool, &format!("{PREFIX}{disk_cid}-"))?;
-        for name in &names {
-            // A marker that is not a document (its write was killed) is no
-            // marker; the volume goes first, so a half-removed snapshot never
-            // looks complete.
-            if name == own
-                || !is_snapshot_cid(name)
-                || !lv.volume_untouched_for(pool, name, UNFINISHED_MAX_AGE_SECS, now)?
-                || lv.has_valid_marker(pool, name)?
-            {
-                continue;
-            }
-            if lv.delete_volume(pool, name)? {
-                removed.push(name.clone());
-            }
-            if lv.delete_volume(pool, &marker_name(name))? {
-                removed.push(marker_name(name));
-            }
-        }
-        Ok(removed)
-    })();
-    match swept {
-        Ok(removed) if !removed.is_empty() => call.log.info(format!(
-            "removed snapshots that killed snapshot_disk calls left unfinished: {}",
-            removed.join(", ")
-        )),
-        Ok(_) => {}
-        Err(e) => call.log.warn(format!(
-            "not sweeping unfinished snapshots of {disk_cid}: {}",
-            e.message
-        )),
-    }
+    let what = format!("unfinished snapshots of {disk_cid} that killed snapshot_disk calls left");
+    sweep::sweep(
+        call,
+        pool,
+        own,
+        &Leftovers {
+            prefix: &names::snapshots_of(disk_cid),
+            max_age_secs: UNFINISHED_MAX_AGE_SECS,
+            candidate: &|name, _| is_snapshot_cid(name),
+            in_use: &|_, _| Ok(false),
+            what: &what,
+        },
+    );
 }
 
 pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {
@@ -264,32 +200,4 @@ pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {
         ));
     }
     Ok(Value::Null)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshot_cids_round_trip_and_reject_others() {
-        let disk = cid::new_disk_cid();
-        let s = new_snapshot_cid(&disk);
-        assert!(is_snapshot_cid(&s), "{s}");
-        assert!(s.starts_with(&format!("snap-{disk}-")));
-        assert_eq!(s.len(), 5 + 20 + 1 + 15 + 1 + 6);
-        for bad in [
-            "snap-",
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900",
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900-abcdeg",
-            "snap-disk-0f3a9c21b7e54d8-20260822X101900-abcdef",
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900-abcdef.meta",
-            "snap-../etc-20260822T101900-abcdef",
-            "disk-0f3a9c21b7e54d8",
-        ] {
-            assert!(!is_snapshot_cid(bad), "{bad}");
-        }
-        assert!(is_snapshot_cid(
-            "snap-disk-0f3a9c21b7e54d8-20260822T101900-abcdef"
-        ));
-    }
 }

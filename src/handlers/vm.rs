@@ -37,7 +37,6 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
 use super::Call;
-use crate::cid;
 use crate::config::Config;
 use crate::configdrive;
 use crate::creator::{Creator, Liveness};
@@ -45,11 +44,12 @@ use crate::error::{CpiError, ErrorKind, Result};
 use crate::libvirt::disk::DiskRef;
 use crate::libvirt::domain::{DomainSpec, NicRecord, RebootOutcome, VmMetadata};
 use crate::libvirt::network::{random_mac, DhcpHost, NetworkInfo};
-use crate::libvirt::volume::marker_name;
 use crate::libvirt::volume::{DiskFormat, MIB};
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
+use crate::names::{self, marker_name};
+use crate::records::StemcellRecord;
 use crate::settings::{self, SettingsInput};
 use crate::vm_spec::{self, Graphics, NetKind, NetworkRequest, NicSource, VmProperties};
 
@@ -60,7 +60,7 @@ fn creation_failed(message: impl Into<String>) -> CpiError {
 /// True while a domain of that name is defined (running or not); a CID that is
 /// not ours is simply absent. Errors only for infrastructure failures.
 pub fn has_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Ok(Value::Bool(false));
     }
     let found = call.libvirt()?.find_domain(vm_cid)?.is_some();
@@ -126,7 +126,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
             )));
         }
     }
-    if !cid::is_stemcell_cid(args.stemcell_cid) {
+    if !names::is_stemcell_cid(args.stemcell_cid) {
         return Err(creation_failed(format!(
             "stemcell '{}' not found (not a stemcell CID of this CPI)",
             args.stemcell_cid
@@ -188,7 +188,7 @@ pub fn create_vm(call: &mut Call, args: CreateVm) -> Result<Value> {
         "stemcell {} is {} ({}, {} bytes)",
         args.stemcell_cid, stemcell.path, stemcell.format, stemcell.virtual_size
     ));
-    let vm_cid = cid::new_vm_cid();
+    let vm_cid = names::new_vm_cid();
     let networks = resolve_networks(lv, config, &requests)?;
     check_host_interfaces(lv, &requests)?;
     let mut nics = plan_nics(config, &vm_cid, requests, &networks, log)?;
@@ -295,18 +295,19 @@ fn find_stemcell(lv: &Libvirt, pool: &StoragePool, cid: &str) -> Result<Stemcell
     let not_found = || creation_failed(format!("stemcell '{cid}' not found"));
     let vol = lv.find_stemcell(pool, cid)?.ok_or_else(not_found)?;
     let marker = lv
-        .read_json_volume(pool, &marker_name(cid))?
+        .read_json_volume::<StemcellRecord>(pool, &marker_name(cid))?
         .ok_or_else(not_found)?;
     let format = marker
-        .get("format")
-        .and_then(Value::as_str)
+        .format
+        .as_deref()
         .and_then(DiskFormat::parse)
         .ok_or_else(|| {
             creation_failed(format!(
-                "stemcell '{cid}': its marker records no usable format ({marker})"
+                "stemcell '{cid}': its marker records no usable format ({})",
+                serde_json::to_string(&marker).unwrap_or_default()
             ))
         })?;
-    let virtual_size = match marker.get("virtual_size").and_then(Value::as_u64) {
+    let virtual_size = match marker.virtual_size {
         Some(size) => size,
         None => lv.volume_facts(&vol, cid)?.capacity,
     };
@@ -488,7 +489,7 @@ fn plan_nics(
                     // killed create_vm: the reservation step decides (and reclaims it).
                     if let Some(h) = info.hosts.iter().find(|h| {
                         h.ip.as_deref() == Some(ip_text.as_str())
-                            && h.name.as_deref().and_then(vm_cid_of_dhcp_name).is_none()
+                            && h.name.as_deref().and_then(names::vm_cid_of_dhcp_name).is_none()
                     }) {
                         return Err(creation_failed(format!(
                             "IP {ip} is already reserved in libvirt network '{net_name}' for MAC {} ({})",
@@ -504,11 +505,7 @@ fn plan_nics(
                     }
                     if info.dhcp {
                         let n = dhcp_names_per_net.entry(net_name.clone()).or_insert(0);
-                        let name = if *n == 0 {
-                            vm_cid.to_string()
-                        } else {
-                            format!("{vm_cid}-{n}")
-                        };
+                        let name = names::dhcp_host_name(vm_cid, *n);
                         *n += 1;
                         dhcp = Some(DhcpHost {
                             mac: Some(mac.clone()),
@@ -584,9 +581,9 @@ fn make_vm(
 ) -> Result<()> {
     let vm_cid = m.vm_cid;
     let dir = lv.pool_directory(m.pool, &config.pool.name)?;
-    let root_name = format!("{vm_cid}-root");
-    let ephemeral_name = (m.ephemeral_bytes > 0).then(|| format!("{vm_cid}-ephemeral"));
-    let iso_name = format!("{vm_cid}-config.iso");
+    let root_name = names::root_volume(vm_cid);
+    let ephemeral_name = (m.ephemeral_bytes > 0).then(|| names::ephemeral_volume(vm_cid));
+    let iso_name = names::config_drive_volume(vm_cid);
     let mut spec = DomainSpec {
         name: vm_cid.to_string(),
         uuid: vm_cid.trim_start_matches("vm-").to_string(),
@@ -851,7 +848,7 @@ fn undo(lv: &Libvirt, pool: &StoragePool, journal: Vec<Made>, log: &mut Logger) 
 // ---------------------------------------------------------------------------
 
 pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         // Nothing of ours can carry this name; sweeping by it could hit others' objects.
         call.log.summary(format!(
             "{vm_cid} is not a VM CID of this CPI: nothing to delete"
@@ -860,7 +857,7 @@ pub fn delete_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
     }
     let (lv, log, config) = call.parts()?;
     let pool = lv.pool(&config.pool)?;
-    let prefix = format!("{vm_cid}-");
+    let prefix = names::volumes_of_vm(vm_cid);
 
     // (libvirt network, DHCP host pattern) to remove.
     let mut dhcp: Vec<(String, DhcpHost)> = Vec::new();
@@ -973,8 +970,9 @@ fn sweep_volumes(
     vm_cid: &str,
     log: &mut Logger,
 ) -> Result<Vec<String>> {
+    let prefix = names::volumes_of_vm(vm_cid);
     let mut problems = Vec::new();
-    for name in lv.volume_names_with_prefix(pool, &format!("{vm_cid}-"))? {
+    for name in lv.volume_names_with_prefix(pool, &prefix)? {
         match lv.delete_volume(pool, &name) {
             Ok(true) => log.info(format!("deleted volume {name}")),
             Ok(false) => {}
@@ -1031,16 +1029,6 @@ fn sweep_reservations(
 // Leftovers of killed create_vm calls
 // ---------------------------------------------------------------------------
 
-/// The VM CID a DHCP host entry of this CPI is named after: `<vm_cid>` for a
-/// VM's first reservation on a network, `<vm_cid>-<n>` for the next ones.
-fn vm_cid_of_dhcp_name(name: &str) -> Option<&str> {
-    if cid::is_vm_cid(name) {
-        return Some(name);
-    }
-    let (vm, n) = name.rsplit_once('-')?;
-    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && cid::is_vm_cid(vm)).then_some(vm)
-}
-
 /// A live create_vm makes its root overlay within milliseconds of reserving
 /// its IPs; a reservation whose VM still has no domain and no volume this
 /// long after it was first seen belongs to a create_vm that was killed (or
@@ -1060,7 +1048,7 @@ fn reclaim_stale_reservation(
     entry: &DhcpHost,
     log: &mut Logger,
 ) -> Result<bool> {
-    let Some(vm) = entry.name.as_deref().and_then(vm_cid_of_dhcp_name) else {
+    let Some(vm) = entry.name.as_deref().and_then(names::vm_cid_of_dhcp_name) else {
         return Ok(false);
     };
     if let Some(dom) = lv.find_domain(vm)? {
@@ -1075,7 +1063,7 @@ fn reclaim_stale_reservation(
     let vanished = |lv: &Libvirt| -> Result<bool> {
         Ok(lv.find_domain(vm)?.is_none()
             && lv
-                .volume_names_with_prefix(pool, &format!("{vm}-"))?
+                .volume_names_with_prefix(pool, &names::volumes_of_vm(vm))?
                 .is_empty())
     };
     if !vanished(lv)? {
@@ -1175,7 +1163,7 @@ fn sweep_dead_creates(lv: &Libvirt, pool: &StoragePool, own: &str, log: &mut Log
         }
     };
     for (vm, dom) in doms {
-        if vm == own || !cid::is_vm_cid(&vm) {
+        if vm == own || !names::is_vm_cid(&vm) {
             continue;
         }
         let removed = dead_creator(lv, &dom, &vm, log).and_then(|dead| match dead {
@@ -1252,7 +1240,7 @@ fn abandoned_vm_cids(
     let names = lv.volume_names(pool)?;
     let mut by_vm: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for name in &names {
-        if let Some(vm) = cid::vm_cid_of_volume(name).filter(|vm| *vm != own) {
+        if let Some(vm) = names::vm_cid_of_volume(name).filter(|vm| *vm != own) {
             by_vm.entry(vm).or_default().push(name);
         }
     }
@@ -1300,7 +1288,7 @@ fn abandoned_vm_cids(
 // ---------------------------------------------------------------------------
 
 pub fn reboot_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let (lv, log, config) = call.parts()?;
@@ -1321,7 +1309,7 @@ pub fn reboot_vm(call: &mut Call, vm_cid: &str) -> Result<Value> {
 }
 
 pub fn set_vm_metadata(call: &mut Call, vm_cid: &str, metadata: &Object) -> Result<Value> {
-    if !cid::is_vm_cid(vm_cid) {
+    if !names::is_vm_cid(vm_cid) {
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let (lv, log, _) = call.parts()?;
@@ -1376,19 +1364,6 @@ fn title_for(metadata: &Object) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dhcp_names_of_vms() {
-        let vm = "vm-0d8e4c4e-6f37-4d4b-9e51-4c1f1f2b9a10";
-        assert_eq!(vm_cid_of_dhcp_name(vm), Some(vm));
-        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-1")), Some(vm));
-        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-12")), Some(vm));
-        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-")), None);
-        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}-x")), None);
-        assert_eq!(vm_cid_of_dhcp_name(&format!("{vm}x")), None);
-        assert_eq!(vm_cid_of_dhcp_name("squat-1"), None);
-        assert_eq!(vm_cid_of_dhcp_name("vm-1"), None);
-    }
 
     #[test]
     fn titles() {

@@ -13,7 +13,9 @@ use std::io::{self, Cursor, Read};
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender};
 
-use flate2::read::MultiGzDecoder;
+mod gunzip;
+
+use gunzip::Gunzip;
 
 /// What the reader thread reports, in this order: `Found`, `Data`..., `End`;
 /// or an error message at any point, after which it stops.
@@ -123,10 +125,8 @@ fn read(path: &Path, out: &mut Sender) -> Result<(), String> {
     let head = read_head(&mut file, 512).map_err(|e| format!("cannot read it: {e}"))?;
 
     if head.starts_with(&[0x1f, 0x8b]) {
-        let mut gz = MultiGzDecoder::new(io::BufReader::with_capacity(
-            256 << 10,
-            Cursor::new(head).chain(file),
-        ));
+        let mut gz = Gunzip::new(Cursor::new(head).chain(file))
+            .map_err(|e| format!("cannot read it: {e}"))?;
         let inner = read_head(&mut gz, 512).map_err(|e| format!("corrupt gzip stream: {e}"))?;
         // An all-zero block is an empty tar here (a bare raw disk may start
         // with zeros, but a gzipped one is not accepted).

@@ -10,15 +10,17 @@
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::sys;
 
-use super::volume::{marker_name, DiskFormat, MIB};
+use super::volume::{DiskFormat, MIB};
 use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+use crate::names::{marker_name, SNAPSHOT_PREFIX};
 use crate::vm_spec::{DiskBus, DiskOptions};
 
 /// How often a domain's live XML is re-read while waiting for the guest.
@@ -261,7 +263,12 @@ impl Libvirt {
     /// creating the volume when missing. The JSON is padded with spaces to the
     /// volume's whole size and written in one upload, so a reader sees either
     /// the old or the new document, never a mix of the two lengths.
-    pub fn write_json_volume(&self, pool: &StoragePool, name: &str, value: &Value) -> Result<()> {
+    pub fn write_json_volume<T: Serialize>(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        value: &T,
+    ) -> Result<()> {
         let mut bytes = serde_json::to_vec(value)
             .map_err(|e| CpiError::cloud(format!("serializing {name}: {e}")))?;
         bytes.push(b'\n');
@@ -296,7 +303,12 @@ impl Libvirt {
 
     /// Writes `record` as the marker of `volume`. Without its marker the
     /// volume is not usable, so a failure deletes both.
-    pub fn mark_complete(&self, pool: &StoragePool, volume: &str, record: &Value) -> Result<()> {
+    pub fn mark_complete<T: Serialize>(
+        &self,
+        pool: &StoragePool,
+        volume: &str,
+        record: &T,
+    ) -> Result<()> {
         let marker = marker_name(volume);
         if let Err(e) = self.write_json_volume(pool, &marker, record) {
             let _ = self.delete_volume(pool, &marker);
@@ -306,14 +318,21 @@ impl Libvirt {
         Ok(())
     }
 
-    /// The JSON document in a sidecar volume; `None` when the volume is absent.
-    pub fn read_json_volume(&self, pool: &StoragePool, name: &str) -> Result<Option<Value>> {
+    /// The JSON document in a sidecar volume, as a `T` (a `crate::records`
+    /// record, or a plain `Value`); `None` when the volume is absent.
+    pub fn read_json_volume<T: DeserializeOwned>(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+    ) -> Result<Option<T>> {
         let Some(text) = self.read_sidecar_text(pool, name)? else {
             return Ok(None);
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| CpiError::cloud(format!("volume {name} does not hold valid JSON: {e}")))
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            CpiError::cloud(format!(
+                "volume {name} does not hold the JSON record expected: {e}"
+            ))
+        })
     }
 
     /// Whether `volume`'s marker exists and holds a JSON object. A marker
@@ -325,8 +344,8 @@ impl Libvirt {
             return Ok(false);
         };
         Ok(matches!(
-            serde_json::from_str::<Value>(&text),
-            Ok(Value::Object(_))
+            serde_json::from_str::<serde_json::Value>(&text),
+            Ok(serde_json::Value::Object(_))
         ))
     }
 
@@ -587,7 +606,7 @@ impl Libvirt {
         let Some(vol_name) = path.and_then(|p| p.rsplit('/').next()) else {
             return Ok(None);
         };
-        if !vol_name.starts_with("snap-")
+        if !vol_name.starts_with(SNAPSHOT_PREFIX)
             || self.find_volume(pool, &marker_name(vol_name))?.is_some()
         {
             return Ok(None);

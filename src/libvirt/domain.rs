@@ -15,11 +15,8 @@ use virt::sys;
 use super::xmltree::Element;
 use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+use crate::names::{METADATA_NS, METADATA_PREFIX};
 use crate::vm_spec::{CpuMode, CpuTopology, DiskBus, DiskOptions, Firmware, Graphics, NicSource};
-
-/// Namespace of the CPI's element in a domain's `<metadata>` (naming.md).
-pub const METADATA_NS: &str = "urn:bosh-libvirt-cpi:vm:1";
-pub const METADATA_PREFIX: &str = "bosh";
 
 /// Spare PCIe root ports beyond those the domain's own devices take, so
 /// persistent disks can be hot-plugged into q35 domains later.

@@ -1,7 +1,8 @@
-//! Stemcell volumes in the dedicated pool (naming.md): the image `sc-<uuid>`
-//! and its completion marker `sc-<uuid>.meta`, created only after the image
-//! was uploaded and verified. A stemcell exists iff both volumes do, so a
-//! crash mid-import can never leave something `create_vm` would accept.
+//! Stemcell volumes in the dedicated pool (named by `crate::names`): the
+//! image `sc-<uuid>` and its completion marker `sc-<uuid>.meta`, created only
+//! after the image was uploaded and verified. A stemcell exists iff both
+//! volumes do, so a crash mid-import can never leave something `create_vm`
+//! would accept.
 //!
 //! Leftovers are image volumes without a marker. The one being imported by a
 //! live process is written to all the time, so its modification time stays
@@ -12,10 +13,10 @@
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
-use super::volume::{marker_name, parse_volume_xml};
+use super::volume::parse_volume_xml;
 use super::{is_not_found, lv_error, Libvirt};
-use crate::cid::is_stemcell_cid;
 use crate::error::{CpiError, Result};
+use crate::names::{is_stemcell_cid, marker_name, volume_of_marker};
 
 /// A marker-less stemcell volume untouched this long is a leftover of a
 /// killed import (a live upload writes continuously; keepalive ends a dead
@@ -39,7 +40,7 @@ impl Libvirt {
     pub fn volumes_backed_by(&self, pool: &StoragePool, path: &str) -> Result<Vec<String>> {
         let mut users = Vec::new();
         for name in self.volume_names(pool)? {
-            if is_stemcell_cid(&name) || name.ends_with(".meta") {
+            if is_stemcell_cid(&name) || volume_of_marker(&name).is_some() {
                 continue;
             }
             let Some(vol) = self.find_volume(pool, &name)? else {
@@ -104,7 +105,7 @@ impl Libvirt {
                         removed.push(marker_name(name));
                     }
                 }
-            } else if let Some(base) = name.strip_suffix(".meta") {
+            } else if let Some(base) = volume_of_marker(name) {
                 // A marker is written after its image and deleted before it:
                 // one without an image is garbage whatever its age.
                 if is_stemcell_cid(base) && base != keep && !has(base) {

@@ -17,15 +17,9 @@ use super::xmltree::Element;
 use super::{is_not_found, lv_error, xml_escape, Libvirt};
 use crate::error::{CpiError, ErrorKind, Result};
 pub use crate::image::DiskFormat;
+use crate::names;
 
 pub const MIB: u64 = 1 << 20;
-
-/// The marker of a stemcell, disk or snapshot volume: a small sidecar that
-/// records its facts and is written last and deleted first, so that a volume
-/// without one is never taken for a complete one.
-pub fn marker_name(volume: &str) -> String {
-    format!("{volume}.meta")
-}
 
 /// What libvirt reports about a volume.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -59,8 +53,8 @@ fn volume_xml(name: &str, capacity: u64, format: DiskFormat) -> String {
 /// credentials) or a deployment's data: readable by its owner only (libvirt
 /// hands a VM's images to the QEMU user when it starts the VM).
 fn volume_mode(name: &str) -> &'static str {
-    let base = name.strip_suffix(".meta").unwrap_or(name);
-    if crate::cid::is_stemcell_cid(base) {
+    let base = names::volume_of_marker(name).unwrap_or(name);
+    if names::is_stemcell_cid(base) {
         "0644"
     } else {
         "0600"

@@ -1,0 +1,71 @@
+//! The sweep of volumes that killed calls left half-made (a disk without its
+//! record, a snapshot copy without its marker): best effort, it never fails
+//! the call that runs it.
+
+use virt::storage_pool::StoragePool;
+
+use super::Call;
+use crate::error::Result;
+use crate::libvirt::Libvirt;
+use crate::names::marker_name;
+
+/// What a sweep looks for among the volumes named `prefix*`.
+pub(super) struct Leftovers<'p> {
+    pub prefix: &'p str,
+    /// Untouched for this long (by the host's clock) a half-made volume is
+    /// abandoned: its call was killed, the director never learned its CID.
+    pub max_age_secs: f64,
+    /// Without a connection: whether `name`, among `all` the listed names,
+    /// may be a leftover (its name is a CID, no sidecar marks it as known).
+    pub candidate: &'p dyn Fn(&str, &[String]) -> bool,
+    /// Whether `name` is in use (a domain holds it): then it stays.
+    pub in_use: &'p dyn Fn(&Libvirt, &str) -> Result<bool>,
+    /// For the log: "disks that killed create_disk calls left unrecorded".
+    pub what: &'p str,
+}
+
+/// Removes each candidate other than `own` (just made: its modification time
+/// is the host's clock) that is old enough, has no valid marker (a marker
+/// whose write was killed holds zeros and is none) and is not in use: the
+/// volume first, then its marker, so a half-removed one never looks complete.
+pub(super) fn sweep(call: &mut Call, pool: &StoragePool, own: &str, l: &Leftovers) {
+    let swept = (|| -> Result<Vec<String>> {
+        let lv = call.libvirt()?;
+        let Some(now) = lv
+            .find_volume(pool, own)?
+            .map(|v| lv.volume_facts(&v, own))
+            .transpose()?
+            .and_then(|f| f.mtime)
+        else {
+            return Ok(Vec::new());
+        };
+        let found = lv.volume_names_with_prefix(pool, l.prefix)?;
+        let mut removed = Vec::new();
+        for name in &found {
+            if name == own
+                || !(l.candidate)(name, &found)
+                || !lv.volume_untouched_for(pool, name, l.max_age_secs, now)?
+                || lv.has_valid_marker(pool, name)?
+                || (l.in_use)(lv, name)?
+            {
+                continue;
+            }
+            for v in [name.clone(), marker_name(name)] {
+                if lv.delete_volume(pool, &v)? {
+                    removed.push(v);
+                }
+            }
+        }
+        Ok(removed)
+    })();
+    match swept {
+        Ok(removed) if !removed.is_empty() => {
+            call.log
+                .info(format!("removed {}: {}", l.what, removed.join(", ")))
+        }
+        Ok(_) => {}
+        Err(e) => call
+            .log
+            .warn(format!("not sweeping {}: {}", l.what, e.message)),
+    }
+}

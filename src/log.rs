@@ -62,23 +62,6 @@ impl Logger {
             .map_or(0, |d| d.as_nanos())
     }
 
-    /// A logger for a helper thread of the same call: its lines go to
-    /// stderr as they happen, its summary comes back with `join`.
-    pub fn fork(&self) -> Logger {
-        Logger {
-            request_id: self.request_id.clone(),
-            method: self.method.clone(),
-            level: self.level,
-            summary: String::new(),
-            started: self.started,
-        }
-    }
-
-    /// Takes back the summary of a logger `fork` made.
-    pub fn join(&mut self, forked: Logger) {
-        self.summary.push_str(&forked.summary);
-    }
-
     pub fn has_summary(&self) -> bool {
         !self.summary.is_empty()
     }

@@ -657,96 +657,7 @@ fn make_vm(
     log.debug(format!("defined domain {vm_cid}"));
 
     // 2. DHCP reservations: libvirt refuses a second entry with the same MAC,
-    // name or IP, which makes them the atomic IP allocation. A live network
-    // update is ~0.4 s of libvirt's own (ci/bench-light), so they run on a
-    // thread while 3 and 4 make the disks; the config drive (5) waits for
-    // them (it carries the MACs) and the guest starts only after that.
-    let mut reserving_log = log.fork();
-    let (reserved, root) = std::thread::scope(|s| {
-        let reserving = s.spawn(|| {
-            let mut made = Vec::new();
-            let changed = reserve_ips(lv, &m, nics, &mut reserving_log, &mut made);
-            (made, changed)
-        });
-        let root = make_disks(
-            lv,
-            log,
-            &m,
-            &spec,
-            &root_name,
-            ephemeral_name.as_deref(),
-            args.stemcell_cid,
-            journal,
-        );
-        (reserving.join(), root)
-    });
-    log.join(reserving_log);
-    let (made, macs_changed) =
-        reserved.map_err(|_| CpiError::cloud("reserving IPs: the thread panicked"))?;
-    journal.extend(made);
-    let macs_changed = macs_changed?;
-    let root = root?;
-    if macs_changed {
-        with_nics(&mut spec, nics);
-        lv.define_domain(&spec)?;
-    }
-    sweep_killed_creates(
-        lv,
-        log,
-        m.pool,
-        &config.pool.name,
-        &root,
-        &root_name,
-        vm_cid,
-    );
-    sweep_dead_creates(lv, m.pool, vm_cid, log);
-
-    // 5. Config drive with the agent settings (networks now carry their MACs).
-    let mut settings_networks: Map<String, Value> = args.networks.clone();
-    for nic in nics.iter() {
-        if let (Some(mac), Some(Value::Object(n))) =
-            (&nic.mac, settings_networks.get_mut(&nic.request.name))
-        {
-            n.insert("mac".into(), json!(mac));
-        }
-    }
-    let agent_settings = settings::agent_settings(&SettingsInput {
-        agent_id: args.agent_id,
-        vm_cid,
-        agent: &config.agent,
-        networks: &settings_networks,
-        has_ephemeral_disk: ephemeral_name.is_some(),
-        disk_bus: props.disk.bus,
-        env: args.env,
-    });
-    let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
-    // Journaled first: should the clean-up of a failed upload fail too, the
-    // undo tries again.
-    journal.push(Made::Volume(iso_name.clone()));
-    let iso_vol = lv.create_volume_with(m.pool, &iso_name, &iso)?;
-    log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
-    expect_path(lv, &iso_vol, &iso_name, &spec.config_drive)?;
-
-    // 6. Start (not waiting for the guest), then drop the creator record:
-    // the VM is complete, and only a delete_vm removes it from now on.
-    lv.start_domain(&dom, vm_cid)?;
-    log.debug(format!("started domain {vm_cid}"));
-    spec.metadata.creating = None;
-    lv.set_vm_metadata(&dom, vm_cid, &spec.metadata)?;
-    Ok(())
-}
-
-/// Step 2 of make_vm: the DHCP reservations of `nics` (a MAC another entry
-/// holds is replaced by a new random one), each pushed to `made` as soon as
-/// it exists, so the undo removes it whatever happens next. Returns whether a
-/// MAC changed.
-fn reserve_ips(
-    lv: &Libvirt,
-    m: &MakeInputs,
-    nics: &mut [NicPlan],
-    log: &mut Logger,
-    made: &mut Vec<Made>,
-) -> Result<bool> {
+    // name or IP, which makes them the atomic IP allocation.
     let mut macs_changed = false;
     for nic in nics.iter_mut() {
         let (Some(host), Some(net_name)) = (nic.dhcp.clone(), nic.libvirt_network.clone()) else {
@@ -794,56 +705,88 @@ fn reserve_ips(
         }
         log.debug(format!("reserved {} on {net_name}", host.to_xml()));
         nic.dhcp = Some(host.clone());
-        made.push(Made::Dhcp {
+        journal.push(Made::Dhcp {
             network: network.clone(),
             network_name: net_name,
             host,
         });
     }
-    Ok(macs_changed)
-}
+    if macs_changed {
+        with_nics(&mut spec, nics);
+        lv.define_domain(&spec)?;
+    }
 
-/// Steps 3 and 4 of make_vm: the root overlay (returned, for the sweeps)
-/// and the ephemeral disk, each journaled as soon as it exists.
-#[allow(clippy::too_many_arguments)]
-fn make_disks(
-    lv: &Libvirt,
-    log: &mut Logger,
-    m: &MakeInputs,
-    spec: &DomainSpec,
-    root_name: &str,
-    ephemeral_name: Option<&str>,
-    stemcell_cid: &str,
-    journal: &mut Vec<Made>,
-) -> Result<StorageVol> {
     // 3. Root disk: a thin overlay on the stemcell.
     let root = lv.create_overlay(
         m.pool,
-        root_name,
+        &root_name,
         &m.stemcell.path,
         m.stemcell.format,
         m.root_bytes,
     )?;
-    journal.push(Made::Volume(root_name.to_string()));
+    journal.push(Made::Volume(root_name.clone()));
     log.debug(format!("created {root_name} on {}", m.stemcell.path));
-    expect_path(lv, &root, root_name, &spec.root_disk)?;
+    expect_path(lv, &root, &root_name, &spec.root_disk)?;
     // delete_stemcell removes the marker, then looks for overlays; we made the
     // overlay, now look for the marker: one of the two always sees the other.
-    if lv.find_stemcell(m.pool, stemcell_cid)?.is_none() {
+    if lv.find_stemcell(m.pool, args.stemcell_cid)?.is_none() {
         return Err(creation_failed(format!(
             "stemcell '{}' was deleted while this VM was being created",
-            stemcell_cid
+            args.stemcell_cid
         )));
     }
+    sweep_killed_creates(
+        lv,
+        log,
+        m.pool,
+        &config.pool.name,
+        &root,
+        &root_name,
+        vm_cid,
+    );
+    sweep_dead_creates(lv, m.pool, vm_cid, log);
+
     // 4. Ephemeral disk, sparse.
-    if let (Some(name), Some(path)) = (ephemeral_name, &spec.ephemeral_disk) {
+    if let (Some(name), Some(path)) = (&ephemeral_name, &spec.ephemeral_disk) {
         let vol = lv.create_volume(m.pool, name, m.ephemeral_bytes, DiskFormat::Raw)?;
-        journal.push(Made::Volume(name.to_string()));
+        journal.push(Made::Volume(name.clone()));
         log.debug(format!("created {name}"));
         expect_path(lv, &vol, name, path)?;
     }
 
-    Ok(root)
+    // 5. Config drive with the agent settings (networks now carry their MACs).
+    let mut settings_networks: Map<String, Value> = args.networks.clone();
+    for nic in nics.iter() {
+        if let (Some(mac), Some(Value::Object(n))) =
+            (&nic.mac, settings_networks.get_mut(&nic.request.name))
+        {
+            n.insert("mac".into(), json!(mac));
+        }
+    }
+    let agent_settings = settings::agent_settings(&SettingsInput {
+        agent_id: args.agent_id,
+        vm_cid,
+        agent: &config.agent,
+        networks: &settings_networks,
+        has_ephemeral_disk: ephemeral_name.is_some(),
+        disk_bus: props.disk.bus,
+        env: args.env,
+    });
+    let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
+    // Journaled first: should the clean-up of a failed upload fail too, the
+    // undo tries again.
+    journal.push(Made::Volume(iso_name.clone()));
+    let iso_vol = lv.create_volume_with(m.pool, &iso_name, &iso)?;
+    log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
+    expect_path(lv, &iso_vol, &iso_name, &spec.config_drive)?;
+
+    // 6. Start (not waiting for the guest), then drop the creator record:
+    // the VM is complete, and only a delete_vm removes it from now on.
+    lv.start_domain(&dom, vm_cid)?;
+    log.debug(format!("started domain {vm_cid}"));
+    spec.metadata.creating = None;
+    lv.set_vm_metadata(&dom, vm_cid, &spec.metadata)?;
+    Ok(())
 }
 
 /// A password for a VM's graphics console: 8 characters, VNC's limit.

@@ -475,6 +475,16 @@ impl Drop for Quiet {
     }
 }
 
+/// A well-formed response's verdict: refused when it carries an error.
+fn verdict(v: &Value) -> Result<Verdict, String> {
+    check_response(v)?;
+    Ok(if v["error"].is_null() {
+        Verdict::Accepted
+    } else {
+        Verdict::Refused
+    })
+}
+
 /// A response as the director reads it: the right shape, a known error
 /// type, and never a panic passed off as an error.
 fn check_response(v: &Value) -> Result<(), String> {
@@ -524,15 +534,7 @@ fn request() {
             };
             match front {
                 libvirt_cpi::Front::Handoff { .. } => Ok(Verdict::Accepted),
-                libvirt_cpi::Front::Respond(r) => {
-                    let v = r.to_json();
-                    check_response(&v)?;
-                    Ok(if v["error"].is_null() {
-                        Verdict::Accepted
-                    } else {
-                        Verdict::Refused
-                    })
-                }
+                libvirt_cpi::Front::Respond(r) => verdict(&r.to_json()),
             }
         },
     );
@@ -566,12 +568,7 @@ fn request_binary() {
                 (Some(Ok(v)), None) => v,
                 _ => return Err(format!("stdout is not exactly one JSON document: {text:?}")),
             };
-            check_response(&v)?;
-            Ok(if v["error"].is_null() {
-                Verdict::Accepted
-            } else {
-                Verdict::Refused
-            })
+            verdict(&v)
         },
     );
 }

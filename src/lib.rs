@@ -10,6 +10,7 @@ pub mod creator;
 pub mod envelope;
 pub mod error;
 pub mod handlers;
+pub mod host;
 pub mod image;
 pub mod iso9660;
 pub mod libvirt;

@@ -4,13 +4,9 @@
 //! Shared by `disk` and `snapshot`: `disk` uses `snapshot` (create_disk from a
 //! snapshot), `snapshot` uses only this, so the two do not import each other.
 
-use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
-
-use super::Call;
 use crate::error::{CpiError, Result};
-use crate::libvirt::disk::DiskRef;
-use crate::libvirt::volume::{DiskFormat, VolumeFacts};
+use crate::host::{DiskFormat, DiskHost, DiskRef, VolumeFacts};
+use crate::log::Logger;
 use crate::names::{self, marker_name};
 use crate::records::DiskRecord;
 use crate::vm_spec::DiskOptions;
@@ -18,7 +14,6 @@ use crate::vm_spec::DiskOptions;
 /// A disk volume as found in the pool.
 pub(super) struct Disk {
     pub cid: String,
-    pub vol: StorageVol,
     pub facts: VolumeFacts,
 }
 
@@ -34,22 +29,12 @@ impl Disk {
 
 /// The disk volume of a CID; `None` for an absent disk or a string that is not
 /// a disk CID at all (so hostile input never names some other volume).
-pub(super) fn find_disk(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-) -> Result<Option<Disk>> {
+pub(super) fn find_disk(host: &dyn DiskHost, disk_cid: &str) -> Result<Option<Disk>> {
     if !names::is_disk_cid(disk_cid) {
         return Ok(None);
     }
-    let lv = call.libvirt()?;
-    let Some(vol) = lv.find_volume(pool, disk_cid)? else {
-        return Ok(None);
-    };
-    let facts = lv.volume_facts(&vol, disk_cid)?;
-    Ok(Some(Disk {
+    Ok(host.volume(disk_cid)?.map(|facts| Disk {
         cid: disk_cid.to_string(),
-        vol,
         facts,
     }))
 }
@@ -59,15 +44,12 @@ pub(super) fn find_disk(
 /// qcow2 header in a disk without a record may have been written by a guest
 /// into a raw disk, and reading it as qcow2 could expose host files.
 pub(super) fn recorded_format(
-    call: &mut Call,
-    pool: &StoragePool,
+    host: &dyn DiskHost,
+    log: &mut Logger,
     disk: &Disk,
 ) -> Result<DiskFormat> {
     let meta = marker_name(&disk.cid);
-    match call
-        .libvirt()?
-        .read_json_volume::<DiskRecord>(pool, &meta)?
-    {
+    match host.read_record::<DiskRecord>(&meta)? {
         Some(record) => record
             .format
             .as_deref()
@@ -79,7 +61,7 @@ pub(super) fn recorded_format(
                 ))
             }),
         None if disk.facts.format.as_deref() == Some("raw") => {
-            call.log.warn(format!(
+            log.warn(format!(
                 "{}: no record {meta}; using the volume as raw, as libvirt probes it",
                 disk.cid
             ));
@@ -100,11 +82,11 @@ pub(super) fn recorded_format(
 /// operation where libvirt reads or rewrites the image itself (copy, resize):
 /// libvirt then trusts its probe, so the two must agree.
 pub(super) fn checked_format(
-    call: &mut Call,
-    pool: &StoragePool,
+    host: &dyn DiskHost,
+    log: &mut Logger,
     disk: &Disk,
 ) -> Result<DiskFormat> {
-    let format = recorded_format(call, pool, disk)?;
+    let format = recorded_format(host, log, disk)?;
     let probed = disk.facts.format.as_deref().unwrap_or("unknown");
     if probed != format.as_str() || disk.facts.backing_path.is_some() {
         return Err(CpiError::cloud(format!(
@@ -125,16 +107,9 @@ pub(super) fn checked_format(
 /// The bus and cache/io/discard options create_disk recorded with the disk
 /// (an older CPI's record has none: the defaults), and whether its holder is
 /// recorded (see `holder`).
-pub(super) fn recorded_options(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-) -> Result<(DiskOptions, bool)> {
+pub(super) fn recorded_options(host: &dyn DiskHost, disk_cid: &str) -> Result<(DiskOptions, bool)> {
     let meta = marker_name(disk_cid);
-    let record = call
-        .libvirt()?
-        .read_json_volume::<DiskRecord>(pool, &meta)?;
-    match record {
+    match host.read_record::<DiskRecord>(&meta)? {
         Some(r) => r
             .options()
             .map(|o| (o, r.holder_record))
@@ -145,9 +120,8 @@ pub(super) fn recorded_options(
 
 /// Whether the disk's holder is recorded, for calls that must not fail on an
 /// unreadable `.meta` record (they then read every domain instead).
-pub(super) fn holder_is_recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> bool {
-    call.libvirt()
-        .and_then(|lv| lv.read_json_volume::<DiskRecord>(pool, &marker_name(disk_cid)))
+pub(super) fn holder_is_recorded(host: &dyn DiskHost, disk_cid: &str) -> bool {
+    host.read_record::<DiskRecord>(&marker_name(disk_cid))
         .ok()
         .flatten()
         .is_some_and(|r| r.holder_record)

@@ -17,12 +17,10 @@
 
 use std::time::{Duration, Instant};
 
-use virt::storage_pool::StoragePool;
-
-use super::Call;
 use crate::creator::{Creator, Liveness};
 use crate::error::{CpiError, Result};
-use crate::libvirt::disk::{DiskRef, Holder};
+use crate::host::{DiskHost, DiskRef, Holder};
+use crate::log::Logger;
 use crate::names::{holder_name, lock_name};
 use crate::records::HolderRecord;
 
@@ -35,18 +33,16 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Runs `f` holding the disk's lock; the lock is released whatever `f` returns.
 pub(super) fn with_lock<T>(
-    call: &mut Call,
-    pool: &StoragePool,
+    host: &dyn DiskHost,
+    log: &mut Logger,
     disk_cid: &str,
-    f: impl FnOnce(&mut Call) -> Result<T>,
+    f: impl FnOnce(&mut Logger) -> Result<T>,
 ) -> Result<T> {
-    acquire(call, pool, disk_cid)?;
-    let out = f(call);
-    let released = call
-        .libvirt()
-        .and_then(|lv| lv.delete_volume(pool, &lock_name(disk_cid)));
+    acquire(host, log, disk_cid)?;
+    let out = f(log);
+    let released = host.delete_volume(&lock_name(disk_cid));
     if let Err(e) = released {
-        call.log.warn(format!(
+        log.warn(format!(
             "releasing the lock of disk {disk_cid}: {} (the next call on the disk removes it)",
             e.message
         ));
@@ -54,7 +50,7 @@ pub(super) fn with_lock<T>(
     out
 }
 
-fn acquire(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> Result<()> {
+fn acquire(host: &dyn DiskHost, log: &mut Logger, disk_cid: &str) -> Result<()> {
     let name = lock_name(disk_cid);
     let me = Creator::this_process()
         .ok_or_else(|| CpiError::cloud("cannot identify this process (no /proc?)"))?
@@ -62,21 +58,19 @@ fn acquire(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> Result<()> {
     let started = Instant::now();
     let mut unreadable_since: Option<Instant> = None;
     loop {
-        let (lv, log, _) = call.parts()?;
-        let refused = match lv.create_volume_with(pool, &name, me.as_bytes()) {
-            Ok(_) => return Ok(()),
+        let refused = match host.create_volume_with(&name, me.as_bytes()) {
+            Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        let Some(vol) = lv.find_volume(pool, &name)? else {
+        let Some(facts) = host.volume(&name)? else {
             // No lock there: it was released meanwhile, or the creation failed for itself.
             if started.elapsed() > LOCK_WAIT {
                 return Err(refused.context(format!("locking disk {disk_cid}")));
             }
             continue;
         };
-        let holder = lv
-            .volume_facts(&vol, &name)
-            .and_then(|f| lv.read_volume(&vol, &name, f.capacity.min(4096)))
+        let holder = host
+            .read_volume(&name, facts.capacity.min(4096))
             .ok()
             .and_then(|bytes| {
                 Creator::parse(String::from_utf8_lossy(&bytes).trim_matches(['\0', ' ', '\n']))
@@ -95,7 +89,7 @@ fn acquire(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> Result<()> {
                     c.pid, c.boot_id
                 ))
             ));
-            lv.delete_volume(pool, &name)?;
+            host.delete_volume(&name)?;
             unreadable_since = None;
             continue;
         }
@@ -111,6 +105,14 @@ fn acquire(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> Result<()> {
     }
 }
 
+/// The error of a disk call that finds the disk attached to VM `holder`.
+pub(super) fn attached_elsewhere(disk_cid: &str, holder: &Holder, doing: &str) -> CpiError {
+    CpiError::cloud(format!(
+        "disk {disk_cid} is attached to VM {}: {doing}",
+        holder.domain
+    ))
+}
+
 /// What the holder record says.
 enum Recorded {
     Nobody,
@@ -118,76 +120,50 @@ enum Recorded {
     Unreadable,
 }
 
-fn recorded(call: &mut Call, pool: &StoragePool, disk_cid: &str) -> Result<Recorded> {
-    let lv = call.libvirt()?;
-    Ok(
-        match lv.read_json_volume::<HolderRecord>(pool, &holder_name(disk_cid)) {
-            Ok(None) | Ok(Some(HolderRecord { vm: None })) => Recorded::Nobody,
-            Ok(Some(HolderRecord { vm: Some(vm) })) => Recorded::Vm(vm),
-            Err(_) => Recorded::Unreadable,
-        },
-    )
+fn recorded(host: &dyn DiskHost, disk_cid: &str) -> Recorded {
+    match host.read_record::<HolderRecord>(&holder_name(disk_cid)) {
+        Ok(None) | Ok(Some(HolderRecord { vm: None })) => Recorded::Nobody,
+        Ok(Some(HolderRecord { vm: Some(vm) })) => Recorded::Vm(vm),
+        Err(_) => Recorded::Unreadable,
+    }
 }
 
 /// The domains that hold the disk (live or persistent definition). With a
 /// holder record that is at most the VM it names; otherwise every domain is read.
-pub(super) fn holders(
-    call: &mut Call,
-    pool: &StoragePool,
-    r: &DiskRef,
-    tracked: bool,
-) -> Result<Vec<Holder>> {
-    let vm = match tracked.then(|| recorded(call, pool, r.cid)).transpose()? {
+pub(super) fn holders(host: &dyn DiskHost, r: &DiskRef, tracked: bool) -> Result<Vec<Holder>> {
+    let vm = match tracked.then(|| recorded(host, r.cid)) {
         Some(Recorded::Nobody) => return Ok(Vec::new()),
         Some(Recorded::Vm(vm)) => vm,
-        Some(Recorded::Unreadable) | None => return call.libvirt()?.disk_holders(r),
+        Some(Recorded::Unreadable) | None => return host.disk_holders(r),
     };
-    let lv = call.libvirt()?;
-    let Some(domain) = lv.find_domain(&vm)? else {
-        return Ok(Vec::new());
-    };
-    Ok(match lv.domain_disks(&domain, &vm)? {
+    Ok(match host.vm_disks(&vm)? {
         Some(disks) if disks.holds(r) => vec![Holder { domain: vm, disks }],
         _ => Vec::new(),
     })
 }
 
 /// Records `vm` as the disk's holder (before attaching it there).
-pub(super) fn record_holder(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-    vm: &str,
-) -> Result<()> {
-    call.libvirt()?
-        .write_json_volume(
-            pool,
-            &holder_name(disk_cid),
-            &HolderRecord {
-                vm: Some(vm.to_string()),
-            },
-        )
-        .map_err(|e| {
-            e.context(format!(
-                "recording that disk {disk_cid} is attached to {vm}"
-            ))
-        })
+pub(super) fn record_holder(host: &dyn DiskHost, disk_cid: &str, vm: &str) -> Result<()> {
+    host.write_record(
+        &holder_name(disk_cid),
+        &HolderRecord {
+            vm: Some(vm.to_string()),
+        },
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "recording that disk {disk_cid} is attached to {vm}"
+        ))
+    })
 }
 
 /// Removes the holder record once the disk is detached from `vm`, unless it
 /// names another VM (which then still holds the disk, or is checked as stale).
-pub(super) fn release_holder(
-    call: &mut Call,
-    pool: &StoragePool,
-    disk_cid: &str,
-    vm: &str,
-) -> Result<()> {
-    if let Recorded::Vm(other) = recorded(call, pool, disk_cid)? {
+pub(super) fn release_holder(host: &dyn DiskHost, disk_cid: &str, vm: &str) -> Result<()> {
+    if let Recorded::Vm(other) = recorded(host, disk_cid) {
         if other != vm {
             return Ok(());
         }
     }
-    call.libvirt()?
-        .delete_volume(pool, &holder_name(disk_cid))
-        .map(|_| ())
+    host.delete_volume(&holder_name(disk_cid)).map(|_| ())
 }

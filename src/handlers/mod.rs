@@ -2,6 +2,7 @@
 //! does it. Handlers get a `Call`, which carries the config, the logger and a
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
+mod attach;
 mod disk;
 mod disk_record;
 mod holder;
@@ -11,11 +12,14 @@ mod stemcell;
 mod sweep;
 mod vm;
 
+use std::cell::OnceCell;
+
 use serde_json::Value;
 
 use crate::config::Config;
 use crate::envelope::Request;
 use crate::error::{CpiError, Result};
+use crate::libvirt::host::{connect, LibvirtDisks};
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Method;
@@ -24,7 +28,7 @@ pub struct Call<'a> {
     pub config: &'a Config,
     pub log: &'a mut Logger,
     pub request: &'a Request,
-    libvirt: Option<Libvirt>,
+    libvirt: OnceCell<Libvirt>,
 }
 
 impl<'a> Call<'a> {
@@ -33,20 +37,17 @@ impl<'a> Call<'a> {
             config,
             log,
             request,
-            libvirt: None,
+            libvirt: OnceCell::new(),
         }
     }
 
     /// The connection, opened on first use.
     pub fn libvirt(&mut self) -> Result<&Libvirt> {
-        if self.libvirt.is_none() {
-            let uri = self.config.libvirt_uri();
-            self.log.debug(format!("connecting to {uri}"));
-            self.libvirt = Some(Libvirt::open(&uri)?);
+        if self.libvirt.get().is_none() {
+            self.log
+                .debug(format!("connecting to {}", self.config.libvirt_uri()));
         }
-        self.libvirt
-            .as_ref()
-            .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))
+        connect(&self.libvirt, &self.config.libvirt_uri())
     }
 
     /// The connection, the logger and the config at once, for handlers that
@@ -55,9 +56,17 @@ impl<'a> Call<'a> {
         self.libvirt()?;
         let lv = self
             .libvirt
-            .as_ref()
+            .get()
             .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))?;
         Ok((lv, &mut *self.log, self.config))
+    }
+
+    /// The disk host (connecting on first use) and the logger.
+    pub fn disks(&mut self) -> (LibvirtDisks<'_>, &mut Logger) {
+        (
+            LibvirtDisks::new(&self.libvirt, self.config),
+            &mut *self.log,
+        )
     }
 }
 
@@ -95,24 +104,43 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             size_mib,
             cloud_properties,
             vm_locality,
-        } => disk::create_disk(call, size_mib, &cloud_properties, vm_locality.as_deref()),
-        Method::DeleteDisk { disk_cid } => disk::delete_disk(call, &disk_cid),
-        Method::HasDisk { disk_cid } => disk::has_disk(call, &disk_cid),
-        Method::AttachDisk { vm_cid, disk_cid } => disk::attach_disk(call, &vm_cid, &disk_cid),
-        Method::DetachDisk { vm_cid, disk_cid } => disk::detach_disk(call, &vm_cid, &disk_cid),
-        Method::GetDisks { vm_cid } => disk::get_disks(call, &vm_cid),
+        } => {
+            let (host, log) = call.disks();
+            disk::create_disk(
+                &host,
+                log,
+                size_mib,
+                &cloud_properties,
+                vm_locality.as_deref(),
+            )
+        }
+        Method::DeleteDisk { disk_cid } => {
+            let (host, log) = call.disks();
+            disk::delete_disk(&host, log, &disk_cid)
+        }
+        Method::HasDisk { disk_cid } => disk::has_disk(&call.disks().0, &disk_cid),
+        Method::AttachDisk { vm_cid, disk_cid } => attach::attach_disk(call, &vm_cid, &disk_cid),
+        Method::DetachDisk { vm_cid, disk_cid } => attach::detach_disk(call, &vm_cid, &disk_cid),
+        Method::GetDisks { vm_cid } => disk::get_disks(&call.disks().0, &vm_cid),
         Method::ResizeDisk {
             disk_cid,
             new_size_mib,
-        } => disk::resize_disk(call, &disk_cid, new_size_mib),
-        Method::UpdateDisk { disk_cid, .. } => disk::update_disk(call, &disk_cid),
+        } => {
+            let (host, log) = call.disks();
+            disk::resize_disk(&host, log, &disk_cid, new_size_mib)
+        }
+        Method::UpdateDisk { disk_cid, .. } => disk::update_disk(call.log, &disk_cid),
         Method::SetDiskMetadata { disk_cid, metadata } => {
-            disk::set_disk_metadata(call, &disk_cid, &metadata)
+            let (host, log) = call.disks();
+            disk::set_disk_metadata(&host, log, &disk_cid, &metadata)
         }
         Method::SnapshotDisk { disk_cid, metadata } => {
             snapshot::snapshot_disk(call, &disk_cid, &metadata)
         }
-        Method::DeleteSnapshot { snapshot_cid } => snapshot::delete_snapshot(call, &snapshot_cid),
+        Method::DeleteSnapshot { snapshot_cid } => {
+            let (host, log) = call.disks();
+            snapshot::delete_snapshot(&host, log, &snapshot_cid)
+        }
         Method::CreateStemcell {
             image_path,
             cloud_properties,

@@ -23,15 +23,14 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use virt::storage_pool::StoragePool;
-use virt::storage_vol::StorageVol;
 
 use super::disk_record::{checked_format, find_disk, holder_is_recorded, recorded_format};
 use super::holder;
 use super::sweep::{self, Leftovers};
 use super::Call;
 use crate::error::{CpiError, Result};
-use crate::libvirt::volume::{DiskFormat, VolumeFacts};
+use crate::host::{DiskFormat, DiskHost, VolumeFacts};
+use crate::log::Logger;
 use crate::method::Object;
 use crate::names::{self, is_snapshot_cid, marker_name, new_snapshot_cid};
 use crate::records::SnapshotRecord;
@@ -40,45 +39,36 @@ use crate::records::SnapshotRecord;
 const LIVE_COPY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) struct Snapshot {
-    pub vol: StorageVol,
     pub facts: VolumeFacts,
 }
 
 /// A complete snapshot (volume and marker), checked to be the plain qcow2
 /// image the CPI made before anything reads it.
-pub(super) fn find_snapshot(
-    call: &mut Call,
-    pool: &StoragePool,
-    snapshot_cid: &str,
-) -> Result<Option<Snapshot>> {
+pub(super) fn find_snapshot(host: &dyn DiskHost, snapshot_cid: &str) -> Result<Option<Snapshot>> {
     if !is_snapshot_cid(snapshot_cid) {
         return Ok(None);
     }
-    let lv = call.libvirt()?;
-    if lv.find_volume(pool, &marker_name(snapshot_cid))?.is_none() {
+    if host.volume(&marker_name(snapshot_cid))?.is_none() {
         return Ok(None);
     }
-    let Some(vol) = lv.find_volume(pool, snapshot_cid)? else {
+    let Some(facts) = host.volume(snapshot_cid)? else {
         return Ok(None);
     };
-    let facts = lv.volume_facts(&vol, snapshot_cid)?;
     if facts.format.as_deref() != Some("qcow2") || facts.backing_path.is_some() {
         return Err(CpiError::cloud(format!(
             "snapshot {snapshot_cid} is not the plain qcow2 image the CPI made (format {:?}, backing store {:?})",
             facts.format, facts.backing_path
         )));
     }
-    Ok(Some(Snapshot { vol, facts }))
+    Ok(Some(Snapshot { facts }))
 }
 
 pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Result<Value> {
-    let cfg = call.config;
-    let pool = call.libvirt()?.pool(&cfg.pool)?;
-    let disk =
-        find_disk(call, &pool, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
-    let r = disk.dref(&cfg.pool.name);
-    let tracked = holder_is_recorded(call, &pool, disk_cid);
-    let holders = holder::holders(call, &pool, &r, tracked)?;
+    let (host, log) = call.disks();
+    let disk = find_disk(&host, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
+    let r = disk.dref(host.pool_name());
+    let tracked = holder_is_recorded(&host, disk_cid);
+    let holders = holder::holders(&host, &r, tracked)?;
     let live = holders.iter().find_map(|h| {
         h.disks
             .live_ref(&r)
@@ -92,27 +82,32 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         Some((vm, target, copying)) => {
             // The VM reads the disk with the format in its definition, which
             // the CPI wrote from its record; the copy goes through the VM.
-            let format = recorded_format(call, &pool, &disk)?;
-            let lv = call.libvirt()?;
+            let format = recorded_format(&host, log, &disk)?;
+            let lv = host.libvirt()?;
+            let pool = host.pool()?;
             let domain = lv.find_domain(vm)?.ok_or_else(|| {
                 CpiError::cloud(format!(
                     "VM {vm} vanished while snapshotting {disk_cid}; retry"
                 ))
             })?;
             if *copying {
-                if let Some(gone) = lv.end_abandoned_copy(&pool, &domain, vm, target)? {
-                    call.log.warn(format!(
+                if let Some(gone) = lv.end_abandoned_copy(pool, &domain, vm, target)? {
+                    log.warn(format!(
                         "ended the abandoned live copy of {disk_cid} (a killed snapshot_disk) and deleted {gone}"
                     ));
                 }
             }
-            let lv = call.libvirt()?;
-            let dest = lv.create_volume(&pool, &snapshot_cid, capacity, DiskFormat::Qcow2)?;
-            let copied = lv.volume_facts(&dest, &snapshot_cid).and_then(|f| {
-                lv.live_block_copy(&domain, vm, target, &f.path, LIVE_COPY_STALL_TIMEOUT)
-            });
+            host.create_volume(&snapshot_cid, capacity, DiskFormat::Qcow2)?;
+            let copied = host
+                .volume(&snapshot_cid)
+                .and_then(|f| {
+                    f.ok_or_else(|| CpiError::cloud(format!("volume {snapshot_cid} vanished")))
+                })
+                .and_then(|f| {
+                    lv.live_block_copy(&domain, vm, target, &f.path, LIVE_COPY_STALL_TIMEOUT)
+                });
             if let Err(e) = copied {
-                let _ = lv.delete_volume(&pool, &snapshot_cid);
+                let _ = host.delete_volume(&snapshot_cid);
                 return Err(e.context(format!("snapshotting disk {disk_cid}")));
             }
             (
@@ -121,15 +116,8 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
             )
         }
         None => {
-            let format = checked_format(call, &pool, &disk)?;
-            call.libvirt()?.clone_volume(
-                &pool,
-                &snapshot_cid,
-                &disk.vol,
-                disk_cid,
-                capacity,
-                DiskFormat::Qcow2,
-            )?;
+            let format = checked_format(&host, log, &disk)?;
+            host.copy_volume(&snapshot_cid, disk_cid, capacity, DiskFormat::Qcow2)?;
             (
                 format,
                 "exact: copied while not in use by a running VM".to_string(),
@@ -137,7 +125,7 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         }
     };
 
-    sweep_unfinished_snapshots(call, &pool, disk_cid, &snapshot_cid);
+    sweep_unfinished_snapshots(&host, log, disk_cid, &snapshot_cid);
 
     let record = SnapshotRecord {
         capacity_bytes: capacity,
@@ -147,10 +135,10 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         disk_format: disk_format.as_str().to_string(),
         metadata: metadata.clone(),
     };
-    let lv = call.libvirt()?;
-    lv.mark_complete(&pool, &snapshot_cid, &record)
+    let host: &dyn DiskHost = &host;
+    host.mark_complete(&snapshot_cid, &record)
         .map_err(|e| e.context(format!("recording snapshot {snapshot_cid}")))?;
-    call.log.summary(format!(
+    log.summary(format!(
         "snapshot {snapshot_cid} of disk {disk_cid} ({consistency})"
     ));
     Ok(Value::String(snapshot_cid))
@@ -163,11 +151,11 @@ const UNFINISHED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 
 /// Best effort, never fails the call: removes unfinished snapshots of
 /// `disk_cid`, judged by the host's clock as read from `own` (just made).
-fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &str, own: &str) {
+fn sweep_unfinished_snapshots(host: &dyn DiskHost, log: &mut Logger, disk_cid: &str, own: &str) {
     let what = format!("unfinished snapshots of {disk_cid} that killed snapshot_disk calls left");
     sweep::sweep(
-        call,
-        pool,
+        host,
+        log,
         own,
         &Leftovers {
             prefix: &names::snapshots_of(disk_cid),
@@ -179,23 +167,20 @@ fn sweep_unfinished_snapshots(call: &mut Call, pool: &StoragePool, disk_cid: &st
     );
 }
 
-pub fn delete_snapshot(call: &mut Call, snapshot_cid: &str) -> Result<Value> {
+pub fn delete_snapshot(host: &dyn DiskHost, log: &mut Logger, snapshot_cid: &str) -> Result<Value> {
     if !is_snapshot_cid(snapshot_cid) {
-        call.log.info(format!(
+        log.info(format!(
             "{snapshot_cid} is not a snapshot CID: nothing to delete"
         ));
         return Ok(Value::Null);
     }
-    let cfg = call.config;
-    let pool = call.libvirt()?.pool(&cfg.pool)?;
-    let lv = call.libvirt()?;
     // The marker first: a half-deleted snapshot is never taken for a usable one.
-    let marker = lv.delete_volume(&pool, &marker_name(snapshot_cid))?;
-    let volume = lv.delete_volume(&pool, snapshot_cid)?;
+    let marker = host.delete_volume(&marker_name(snapshot_cid))?;
+    let volume = host.delete_volume(snapshot_cid)?;
     if marker || volume {
-        call.log.summary(format!("deleted snapshot {snapshot_cid}"));
+        log.summary(format!("deleted snapshot {snapshot_cid}"));
     } else {
-        call.log.info(format!(
+        log.info(format!(
             "snapshot {snapshot_cid} does not exist: nothing to delete"
         ));
     }

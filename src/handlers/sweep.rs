@@ -2,11 +2,9 @@
 //! record, a snapshot copy without its marker): best effort, it never fails
 //! the call that runs it.
 
-use virt::storage_pool::StoragePool;
-
-use super::Call;
 use crate::error::Result;
-use crate::libvirt::Libvirt;
+use crate::host::DiskHost;
+use crate::log::Logger;
 use crate::names::marker_name;
 
 /// What a sweep looks for among the volumes named `prefix*`.
@@ -19,7 +17,7 @@ pub(super) struct Leftovers<'p> {
     /// may be a leftover (its name is a CID, no sidecar marks it as known).
     pub candidate: &'p dyn Fn(&str, &[String]) -> bool,
     /// Whether `name` is in use (a domain holds it): then it stays.
-    pub in_use: &'p dyn Fn(&Libvirt, &str) -> Result<bool>,
+    pub in_use: &'p dyn Fn(&dyn DiskHost, &str) -> Result<bool>,
     /// For the log: "disks that killed create_disk calls left unrecorded".
     pub what: &'p str,
 }
@@ -28,30 +26,24 @@ pub(super) struct Leftovers<'p> {
 /// is the host's clock) that is old enough, has no valid marker (a marker
 /// whose write was killed holds zeros and is none) and is not in use: the
 /// volume first, then its marker, so a half-removed one never looks complete.
-pub(super) fn sweep(call: &mut Call, pool: &StoragePool, own: &str, l: &Leftovers) {
+pub(super) fn sweep(host: &dyn DiskHost, log: &mut Logger, own: &str, l: &Leftovers) {
     let swept = (|| -> Result<Vec<String>> {
-        let lv = call.libvirt()?;
-        let Some(now) = lv
-            .find_volume(pool, own)?
-            .map(|v| lv.volume_facts(&v, own))
-            .transpose()?
-            .and_then(|f| f.mtime)
-        else {
+        let Some(now) = host.volume(own)?.and_then(|f| f.mtime) else {
             return Ok(Vec::new());
         };
-        let found = lv.volume_names_with_prefix(pool, l.prefix)?;
+        let found = host.volume_names_with_prefix(l.prefix)?;
         let mut removed = Vec::new();
         for name in &found {
             if name == own
                 || !(l.candidate)(name, &found)
-                || !lv.volume_untouched_for(pool, name, l.max_age_secs, now)?
-                || lv.has_valid_marker(pool, name)?
-                || (l.in_use)(lv, name)?
+                || !host.volume_untouched_for(name, l.max_age_secs, now)?
+                || host.has_valid_marker(name)?
+                || (l.in_use)(host, name)?
             {
                 continue;
             }
             for v in [name.clone(), marker_name(name)] {
-                if lv.delete_volume(pool, &v)? {
+                if host.delete_volume(&v)? {
                     removed.push(v);
                 }
             }
@@ -60,12 +52,9 @@ pub(super) fn sweep(call: &mut Call, pool: &StoragePool, own: &str, l: &Leftover
     })();
     match swept {
         Ok(removed) if !removed.is_empty() => {
-            call.log
-                .info(format!("removed {}: {}", l.what, removed.join(", ")))
+            log.info(format!("removed {}: {}", l.what, removed.join(", ")))
         }
         Ok(_) => {}
-        Err(e) => call
-            .log
-            .warn(format!("not sweeping {}: {}", l.what, e.message)),
+        Err(e) => log.warn(format!("not sweeping {}: {}", l.what, e.message)),
     }
 }

@@ -20,6 +20,7 @@ use super::volume::{DiskFormat, MIB};
 use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
+pub use crate::host::{DiskDevice, DiskRef, DomainDisks, Holder};
 use crate::names::{marker_name, SNAPSHOT_PREFIX};
 use crate::vm_spec::{DiskBus, DiskOptions};
 
@@ -31,55 +32,6 @@ const ABANDONED_COPY_AFTER: Duration = Duration::from_secs(3);
 /// Sidecar volumes never need to be large; a bigger one is not ours to read.
 const SIDECAR_MAX_BYTES: u64 = MIB;
 const SIDECAR_BLOCK: usize = 4096;
-
-/// One `<disk>` device of a domain definition.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DiskDevice {
-    /// The `type` attribute: file, block, volume, network.
-    pub kind: String,
-    /// The `device` attribute: disk, cdrom, ...
-    pub device: String,
-    pub target: String,
-    pub bus: String,
-    pub serial: Option<String>,
-    /// `<source file=...>` or `<source dev=...>`.
-    pub source_path: Option<String>,
-    /// `<source pool=... volume=...>`.
-    pub source_volume: Option<(String, String)>,
-    pub driver_type: Option<String>,
-    /// A block job's `<mirror>`: `Some(ready)` while one runs.
-    pub mirror_ready: Option<bool>,
-    /// Where that job copies to.
-    pub mirror_path: Option<String>,
-}
-
-/// How a persistent disk can show up in a domain: by its serial (the CID, how
-/// the CPI attaches it), by its file path, or as a pool volume reference.
-#[derive(Debug, Clone, Copy)]
-pub struct DiskRef<'a> {
-    pub cid: &'a str,
-    pub path: Option<&'a str>,
-    pub pool: &'a str,
-}
-
-impl DiskDevice {
-    pub fn refers_to(&self, r: &DiskRef) -> bool {
-        self.serial.as_deref() == Some(r.cid)
-            || (r.path.is_some() && self.source_path.as_deref() == r.path)
-            || self
-                .source_volume
-                .as_ref()
-                .is_some_and(|(pool, vol)| pool == r.pool && vol == r.cid)
-    }
-}
-
-/// A domain's disks, live (only while it runs) and persistent.
-#[derive(Debug, Clone, Default)]
-pub struct DomainDisks {
-    pub running: bool,
-    pub live: Vec<DiskDevice>,
-    pub config: Vec<DiskDevice>,
-}
 
 impl DomainDisks {
     /// From the domain's live XML (while it runs) and persistent XML.
@@ -94,34 +46,6 @@ impl DomainDisks {
             config: parse(config)?,
         })
     }
-
-    pub fn live_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
-        self.live.iter().find(|d| d.refers_to(r))
-    }
-
-    pub fn config_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
-        self.config.iter().find(|d| d.refers_to(r))
-    }
-
-    pub fn holds(&self, r: &DiskRef) -> bool {
-        self.live_ref(r).is_some() || self.config_ref(r).is_some()
-    }
-
-    /// Target names in use in either definition.
-    pub fn used_targets(&self) -> Vec<String> {
-        self.live
-            .iter()
-            .chain(&self.config)
-            .map(|d| d.target.clone())
-            .collect()
-    }
-}
-
-/// A domain that holds a given disk.
-#[derive(Debug, Clone)]
-pub struct Holder {
-    pub domain: String,
-    pub disks: DomainDisks,
 }
 
 /// The device the CPI attaches for a persistent disk: on its disk_type's

@@ -7,6 +7,7 @@
 
 pub mod disk;
 pub mod domain;
+pub mod host;
 pub mod network;
 pub mod orphan_nodes;
 pub mod pool;

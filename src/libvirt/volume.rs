@@ -19,23 +19,7 @@ use crate::error::{CpiError, ErrorKind, Result};
 pub use crate::image::DiskFormat;
 use crate::names;
 
-pub const MIB: u64 = 1 << 20;
-
-/// What libvirt reports about a volume.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct VolumeFacts {
-    pub path: String,
-    /// The probed format (see the module doc).
-    pub format: Option<String>,
-    pub capacity: u64,
-    /// Bytes the file really uses on the host.
-    pub allocation: u64,
-    /// Size of the file (libvirt's "physical").
-    pub physical: u64,
-    pub backing_path: Option<String>,
-    /// Modification time on the libvirt host, seconds since the epoch.
-    pub mtime: Option<f64>,
-}
+pub use crate::host::{VolumeFacts, MIB};
 
 fn volume_xml(name: &str, capacity: u64, format: DiskFormat) -> String {
     format!(

@@ -1,0 +1,201 @@
+//! The hypervisor seam for persistent disks and snapshots, in CPI vocabulary:
+//! volumes of the CPI's one storage pool (found by name, never by handle),
+//! the JSON records kept in sidecar volumes, and the VMs as far as a disk
+//! cares (which devices a VM's definition holds, which VMs hold a disk).
+//!
+//! `crate::libvirt::host` implements it over a libvirt connection; handler
+//! tests run against `fake::FakeHost`. Nothing here names a `virt` type, and
+//! this module imports nothing from `crate::libvirt` (which imports it).
+//!
+//! "Not found" is a value here (`Option`, `false`), never an error: the
+//! handlers decide which BOSH error a situation becomes.
+
+#[cfg(test)]
+pub mod fake;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{CpiError, Result};
+pub use crate::image::DiskFormat;
+use crate::names::marker_name;
+
+pub const MIB: u64 = 1 << 20;
+
+/// What the host reports about a volume.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VolumeFacts {
+    pub path: String,
+    /// The format the host probes from the file's first bytes: for a raw
+    /// volume those are the guest's, so never trusted over the CPI's record.
+    pub format: Option<String>,
+    pub capacity: u64,
+    /// Bytes the file really uses on the host.
+    pub allocation: u64,
+    /// Size of the file (libvirt's "physical").
+    pub physical: u64,
+    pub backing_path: Option<String>,
+    /// Modification time on the host, seconds since the epoch.
+    pub mtime: Option<f64>,
+}
+
+/// One `<disk>` device of a VM's definition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DiskDevice {
+    /// The `type` attribute: file, block, volume, network.
+    pub kind: String,
+    /// The `device` attribute: disk, cdrom, ...
+    pub device: String,
+    pub target: String,
+    pub bus: String,
+    pub serial: Option<String>,
+    /// `<source file=...>` or `<source dev=...>`.
+    pub source_path: Option<String>,
+    /// `<source pool=... volume=...>`.
+    pub source_volume: Option<(String, String)>,
+    pub driver_type: Option<String>,
+    /// A block job's `<mirror>`: `Some(ready)` while one runs.
+    pub mirror_ready: Option<bool>,
+    /// Where that job copies to.
+    pub mirror_path: Option<String>,
+}
+
+/// How a persistent disk can show up in a VM: by its serial (the CID, how
+/// the CPI attaches it), by its file path, or as a pool volume reference.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRef<'a> {
+    pub cid: &'a str,
+    pub path: Option<&'a str>,
+    pub pool: &'a str,
+}
+
+impl DiskDevice {
+    pub fn refers_to(&self, r: &DiskRef) -> bool {
+        self.serial.as_deref() == Some(r.cid)
+            || (r.path.is_some() && self.source_path.as_deref() == r.path)
+            || self
+                .source_volume
+                .as_ref()
+                .is_some_and(|(pool, vol)| pool == r.pool && vol == r.cid)
+    }
+}
+
+/// A VM's disks, live (only while it runs) and persistent.
+#[derive(Debug, Clone, Default)]
+pub struct DomainDisks {
+    pub running: bool,
+    pub live: Vec<DiskDevice>,
+    pub config: Vec<DiskDevice>,
+}
+
+impl DomainDisks {
+    pub fn live_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
+        self.live.iter().find(|d| d.refers_to(r))
+    }
+
+    pub fn config_ref(&self, r: &DiskRef) -> Option<&DiskDevice> {
+        self.config.iter().find(|d| d.refers_to(r))
+    }
+
+    pub fn holds(&self, r: &DiskRef) -> bool {
+        self.live_ref(r).is_some() || self.config_ref(r).is_some()
+    }
+
+    /// Target names in use in either definition.
+    pub fn used_targets(&self) -> Vec<String> {
+        self.live
+            .iter()
+            .chain(&self.config)
+            .map(|d| d.target.clone())
+            .collect()
+    }
+}
+
+/// A VM that holds a given disk.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub domain: String,
+    pub disks: DomainDisks,
+}
+
+/// What the disk and snapshot handlers need of the host. Every volume is one
+/// of the CPI's pool, named by the caller (see `crate::names`).
+pub trait DiskHost {
+    /// The pool's name, as a VM's definition may refer to its volumes.
+    fn pool_name(&self) -> &str;
+    /// Free bytes in the pool, counting what others use.
+    fn available_bytes(&self) -> Result<u64>;
+
+    /// Whether there is a volume of that name (one lookup, no facts).
+    fn volume_exists(&self, name: &str) -> Result<bool>;
+    /// The volume's facts, freshly read; `None` when there is no such volume.
+    fn volume(&self, name: &str) -> Result<Option<VolumeFacts>>;
+    /// Names of the pool's volumes that start with `prefix` (all of them,
+    /// however many).
+    fn volume_names_with_prefix(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Whether volume `name` has not changed for more than `max_age_secs`
+    /// before `host_now` (a time read on the host: a just-made volume's
+    /// mtime). False when it is gone or has no mtime.
+    fn volume_untouched_for(&self, name: &str, max_age_secs: f64, host_now: f64) -> Result<bool>;
+    /// A new, empty, sparse volume. A name in use is refused.
+    fn create_volume(&self, name: &str, capacity: u64, format: DiskFormat) -> Result<()>;
+    /// A new raw volume holding exactly `data`; nothing is left on failure.
+    /// A name in use is refused (what makes a lock).
+    fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// A new volume `name` holding a copy of volume `from`, converted to `format`.
+    fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()>;
+    fn resize_volume(&self, name: &str, capacity: u64) -> Result<()>;
+    /// Deletes a volume; true if it was there.
+    fn delete_volume(&self, name: &str) -> Result<bool>;
+    /// The first `length` bytes of a volume.
+    fn read_volume(&self, name: &str, length: u64) -> Result<Vec<u8>>;
+
+    /// The JSON document in sidecar volume `name`; `None` when the volume is
+    /// absent, an error when it holds no JSON (use `read_record`).
+    fn read_json(&self, name: &str) -> Result<Option<Value>>;
+    /// Replaces sidecar volume `name`'s document (creating the volume when
+    /// missing); a reader sees the old or the new one, never a mix (use
+    /// `write_record`).
+    fn write_json(&self, name: &str, value: &Value) -> Result<()>;
+    /// Whether `volume`'s marker exists and holds a JSON object (one whose
+    /// write was killed holds zeros or a torn document: no marker).
+    fn has_valid_marker(&self, volume: &str) -> Result<bool>;
+
+    /// The disks of VM `vm_cid`; `None` when there is no such VM.
+    fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>>;
+    /// Every VM (ours or not) whose live or persistent definition refers to the disk.
+    fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>>;
+}
+
+impl dyn DiskHost + '_ {
+    /// The record in sidecar volume `name`, as a `crate::records` record.
+    pub fn read_record<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        let Some(value) = self.read_json(name)? else {
+            return Ok(None);
+        };
+        serde_json::from_value(value).map(Some).map_err(|e| {
+            CpiError::cloud(format!(
+                "volume {name} does not hold the JSON record expected: {e}"
+            ))
+        })
+    }
+
+    pub fn write_record<T: Serialize>(&self, name: &str, record: &T) -> Result<()> {
+        let value = serde_json::to_value(record)
+            .map_err(|e| CpiError::cloud(format!("serializing {name}: {e}")))?;
+        self.write_json(name, &value)
+    }
+
+    /// Writes `record` as the marker of `volume`. Without its marker the
+    /// volume is not usable, so a failure deletes both.
+    pub fn mark_complete<T: Serialize>(&self, volume: &str, record: &T) -> Result<()> {
+        let marker = marker_name(volume);
+        if let Err(e) = self.write_record(&marker, record) {
+            let _ = self.delete_volume(&marker);
+            let _ = self.delete_volume(volume);
+            return Err(e);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! `DiskHost` over a libvirt connection and the configured pool, both opened
+//! on first use (so a handler that decides without the host never connects).
+//! Thin: every method is one of `Libvirt`'s, with the pool and a volume
+//! handle looked up by name.
+
+use std::cell::OnceCell;
+
+use serde_json::Value;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::Libvirt;
+use crate::config::Config;
+use crate::error::{CpiError, Result};
+use crate::host::{DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts};
+
+/// Opens the connection of `cell` unless it is open.
+pub fn connect<'c>(cell: &'c OnceCell<Libvirt>, uri: &str) -> Result<&'c Libvirt> {
+    if let Some(lv) = cell.get() {
+        return Ok(lv);
+    }
+    let lv = Libvirt::open(uri)?;
+    Ok(cell.get_or_init(|| lv))
+}
+
+pub struct LibvirtDisks<'a> {
+    conn: &'a OnceCell<Libvirt>,
+    config: &'a Config,
+    pool: OnceCell<StoragePool>,
+}
+
+impl<'a> LibvirtDisks<'a> {
+    pub fn new(conn: &'a OnceCell<Libvirt>, config: &'a Config) -> Self {
+        LibvirtDisks {
+            conn,
+            config,
+            pool: OnceCell::new(),
+        }
+    }
+
+    /// The connection, for what the seam does not cover yet (hot-plug,
+    /// block copies).
+    pub fn libvirt(&self) -> Result<&'a Libvirt> {
+        connect(self.conn, &self.config.libvirt_uri())
+    }
+
+    /// The pool, opened (and created when the config allows) on first use.
+    pub fn pool(&self) -> Result<&StoragePool> {
+        if let Some(pool) = self.pool.get() {
+            return Ok(pool);
+        }
+        let pool = self.libvirt()?.pool(&self.config.pool)?;
+        Ok(self.pool.get_or_init(|| pool))
+    }
+
+    fn parts(&self) -> Result<(&'a Libvirt, &StoragePool)> {
+        Ok((self.libvirt()?, self.pool()?))
+    }
+
+    fn existing(&self, name: &str, doing: &str) -> Result<StorageVol> {
+        let (lv, pool) = self.parts()?;
+        lv.find_volume(pool, name)?
+            .ok_or_else(|| CpiError::cloud(format!("{doing} volume {name}: it does not exist")))
+    }
+}
+
+impl DiskHost for LibvirtDisks<'_> {
+    fn pool_name(&self) -> &str {
+        &self.config.pool.name
+    }
+
+    fn available_bytes(&self) -> Result<u64> {
+        let (lv, pool) = self.parts()?;
+        lv.pool_available(pool)
+    }
+
+    fn volume_exists(&self, name: &str) -> Result<bool> {
+        let (lv, pool) = self.parts()?;
+        Ok(lv.find_volume(pool, name)?.is_some())
+    }
+
+    fn volume(&self, name: &str) -> Result<Option<VolumeFacts>> {
+        let (lv, pool) = self.parts()?;
+        lv.find_volume(pool, name)?
+            .map(|v| lv.volume_facts(&v, name))
+            .transpose()
+    }
+
+    fn volume_names_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let (lv, pool) = self.parts()?;
+        lv.volume_names_with_prefix(pool, prefix)
+    }
+
+    fn volume_untouched_for(&self, name: &str, max_age_secs: f64, host_now: f64) -> Result<bool> {
+        let (lv, pool) = self.parts()?;
+        lv.volume_untouched_for(pool, name, max_age_secs, host_now)
+    }
+
+    fn create_volume(&self, name: &str, capacity: u64, format: DiskFormat) -> Result<()> {
+        let (lv, pool) = self.parts()?;
+        lv.create_volume(pool, name, capacity, format).map(drop)
+    }
+
+    fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()> {
+        let (lv, pool) = self.parts()?;
+        lv.create_volume_with(pool, name, data).map(drop)
+    }
+
+    fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()> {
+        let source = self.existing(from, "copying")?;
+        let (lv, pool) = self.parts()?;
+        lv.clone_volume(pool, name, &source, from, capacity, format)
+            .map(drop)
+    }
+
+    fn resize_volume(&self, name: &str, capacity: u64) -> Result<()> {
+        let vol = self.existing(name, "growing")?;
+        self.libvirt()?.resize_volume(&vol, name, capacity)
+    }
+
+    fn delete_volume(&self, name: &str) -> Result<bool> {
+        let (lv, pool) = self.parts()?;
+        lv.delete_volume(pool, name)
+    }
+
+    fn read_volume(&self, name: &str, length: u64) -> Result<Vec<u8>> {
+        let vol = self.existing(name, "reading")?;
+        self.libvirt()?.read_volume(&vol, name, length)
+    }
+
+    fn read_json(&self, name: &str) -> Result<Option<Value>> {
+        let (lv, pool) = self.parts()?;
+        lv.read_json_volume(pool, name)
+    }
+
+    fn write_json(&self, name: &str, value: &Value) -> Result<()> {
+        let (lv, pool) = self.parts()?;
+        lv.write_json_volume(pool, name, value)
+    }
+
+    fn has_valid_marker(&self, volume: &str) -> Result<bool> {
+        let (lv, pool) = self.parts()?;
+        lv.has_valid_marker(pool, volume)
+    }
+
+    fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>> {
+        let lv = self.libvirt()?;
+        match lv.find_domain(vm_cid)? {
+            Some(domain) => lv.domain_disks(&domain, vm_cid),
+            None => Ok(None),
+        }
+    }
+
+    fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>> {
+        self.libvirt()?.disk_holders(r)
+    }
+}

@@ -5,6 +5,8 @@
 mod attach;
 mod disk;
 mod disk_record;
+#[cfg(test)]
+mod disk_tests;
 mod holder;
 pub mod info;
 mod snapshot;

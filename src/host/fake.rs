@@ -1,1 +1,359 @@
+//! An in-memory `DiskHost` that behaves like libvirt where the handlers care:
+//! a volume name is taken once (a second create is refused, retryable, as
+//! libvirt's StorageVolExist is), absent volumes and VMs are `None`, a
+//! sidecar holds bytes that must parse as JSON, deleting an absent volume is
+//! `false`. Every call is logged (`calls`), and any operation can be made to
+//! fail once (`fail_next`, `fail_next_on`), before it has any effect.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::error::{CpiError, Result};
+use crate::host::{DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts};
+
+pub const POOL: &str = "fake-pool";
+
+struct Volume {
+    facts: VolumeFacts,
+    data: Vec<u8>,
+}
+
+struct Failure {
+    op: &'static str,
+    name: Option<String>,
+    error: CpiError,
+}
+
+#[derive(Default)]
+struct State {
+    available: u64,
+    now: f64,
+    volumes: BTreeMap<String, Volume>,
+    vms: BTreeMap<String, DomainDisks>,
+    failures: Vec<Failure>,
+    calls: Vec<String>,
+}
+
+pub struct FakeHost {
+    s: RefCell<State>,
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeHost {
+    /// An empty pool with 100 GiB free, its clock at 1,000,000 s.
+    pub fn new() -> Self {
+        FakeHost {
+            s: RefCell::new(State {
+                available: 100 << 30,
+                now: 1_000_000.0,
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn set_available(&self, bytes: u64) {
+        self.s.borrow_mut().available = bytes;
+    }
+
+    /// Moves the host's clock (the mtime of volumes made from now on).
+    pub fn advance_clock(&self, secs: f64) {
+        self.s.borrow_mut().now += secs;
+    }
+
+    /// The next call of `op` (a `DiskHost` method name) fails with `error`.
+    pub fn fail_next(&self, op: &'static str, error: CpiError) {
+        self.s.borrow_mut().failures.push(Failure {
+            op,
+            name: None,
+            error,
+        });
+    }
+
+    /// The next call of `op` on volume (or VM) `name` fails with `error`.
+    pub fn fail_next_on(&self, op: &'static str, name: &str, error: CpiError) {
+        self.s.borrow_mut().failures.push(Failure {
+            op,
+            name: Some(name.to_string()),
+            error,
+        });
+    }
+
+    /// A volume as another program (or an earlier call) left it.
+    pub fn put_volume(&self, name: &str, capacity: u64, format: &str, data: &[u8]) {
+        let mut s = self.s.borrow_mut();
+        let now = s.now;
+        s.volumes
+            .insert(name.to_string(), volume(name, capacity, format, data, now));
+    }
+
+    /// A sidecar holding `value` as JSON.
+    pub fn put_json(&self, name: &str, value: &Value) {
+        let bytes = serde_json::to_vec(value).expect("JSON");
+        self.put_volume(name, 4096, "raw", &bytes);
+    }
+
+    pub fn set_mtime(&self, name: &str, mtime: f64) {
+        if let Some(v) = self.s.borrow_mut().volumes.get_mut(name) {
+            v.facts.mtime = Some(mtime);
+        }
+    }
+
+    /// Changes what the host probes a volume as (a guest wrote a header).
+    pub fn set_probed_format(&self, name: &str, format: &str) {
+        if let Some(v) = self.s.borrow_mut().volumes.get_mut(name) {
+            v.facts.format = Some(format.to_string());
+        }
+    }
+
+    /// A VM; `devices` are in its persistent definition, and live too when it runs.
+    pub fn put_vm(&self, vm_cid: &str, running: bool, devices: Vec<DiskDevice>) {
+        let live = if running { devices.clone() } else { Vec::new() };
+        self.s.borrow_mut().vms.insert(
+            vm_cid.to_string(),
+            DomainDisks {
+                running,
+                live,
+                config: devices,
+            },
+        );
+    }
+
+    /// The device the CPI attaches for a disk (found by its serial).
+    pub fn disk_device(disk_cid: &str, target: &str) -> DiskDevice {
+        DiskDevice {
+            kind: "file".into(),
+            device: "disk".into(),
+            target: target.into(),
+            bus: "virtio".into(),
+            serial: Some(disk_cid.into()),
+            source_path: Some(format!("/{POOL}/{disk_cid}")),
+            ..Default::default()
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.s.borrow().volumes.keys().cloned().collect()
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.s.borrow().volumes.contains_key(name)
+    }
+
+    pub fn facts(&self, name: &str) -> Option<VolumeFacts> {
+        self.s.borrow().volumes.get(name).map(|v| v.facts.clone())
+    }
+
+    pub fn json(&self, name: &str) -> Option<Value> {
+        let s = self.s.borrow();
+        let v = s.volumes.get(name)?;
+        serde_json::from_str(sidecar_text(&v.data)).ok()
+    }
+
+    /// Every call so far, as "op name".
+    pub fn calls(&self) -> Vec<String> {
+        self.s.borrow().calls.clone()
+    }
+
+    /// Logs the call and fails it when a failure was injected for it.
+    fn enter(&self, op: &'static str, name: &str) -> Result<()> {
+        let mut s = self.s.borrow_mut();
+        s.calls.push(format!("{op} {name}").trim_end().to_string());
+        let hit = s
+            .failures
+            .iter()
+            .position(|f| f.op == op && f.name.as_deref().is_none_or(|n| n == name));
+        match hit {
+            Some(i) => Err(s.failures.remove(i).error),
+            None => Ok(()),
+        }
+    }
+
+    fn create(&self, name: &str, capacity: u64, format: &str, data: &[u8]) -> Result<()> {
+        let mut s = self.s.borrow_mut();
+        if s.volumes.contains_key(name) {
+            return Err(CpiError::cloud(format!(
+                "creating volume {name}: storage volume '{name}' exists already"
+            ))
+            .retryable(true));
+        }
+        let now = s.now;
+        s.volumes
+            .insert(name.to_string(), volume(name, capacity, format, data, now));
+        Ok(())
+    }
+}
+
+fn volume(name: &str, capacity: u64, format: &str, data: &[u8], now: f64) -> Volume {
+    Volume {
+        facts: VolumeFacts {
+            path: format!("/{POOL}/{name}"),
+            format: Some(format.to_string()),
+            capacity: capacity.max(data.len() as u64),
+            mtime: Some(now),
+            ..Default::default()
+        },
+        data: data.to_vec(),
+    }
+}
+
+/// A sidecar's text without its padding (spaces, NULs).
+fn sidecar_text(data: &[u8]) -> &str {
+    std::str::from_utf8(data)
+        .unwrap_or("")
+        .trim_end_matches(|c: char| c.is_whitespace() || c == '\0')
+}
+
+fn missing(doing: &str, name: &str) -> CpiError {
+    CpiError::cloud(format!("{doing} volume {name}: it does not exist"))
+}
+
+impl DiskHost for FakeHost {
+    fn pool_name(&self) -> &str {
+        POOL
+    }
+
+    fn available_bytes(&self) -> Result<u64> {
+        self.enter("available_bytes", "")?;
+        Ok(self.s.borrow().available)
+    }
+
+    fn volume_exists(&self, name: &str) -> Result<bool> {
+        self.enter("volume_exists", name)?;
+        Ok(self.exists(name))
+    }
+
+    fn volume(&self, name: &str) -> Result<Option<VolumeFacts>> {
+        self.enter("volume", name)?;
+        Ok(self.facts(name))
+    }
+
+    fn volume_names_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        self.enter("volume_names_with_prefix", prefix)?;
+        Ok(self
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .collect())
+    }
+
+    fn volume_untouched_for(&self, name: &str, max_age_secs: f64, host_now: f64) -> Result<bool> {
+        self.enter("volume_untouched_for", name)?;
+        Ok(self
+            .facts(name)
+            .and_then(|f| f.mtime)
+            .is_some_and(|m| host_now - m > max_age_secs))
+    }
+
+    fn create_volume(&self, name: &str, capacity: u64, format: DiskFormat) -> Result<()> {
+        self.enter("create_volume", name)?;
+        self.create(name, capacity, format.as_str(), &[])
+    }
+
+    fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.enter("create_volume_with", name)?;
+        self.create(name, data.len() as u64, "raw", data)
+    }
+
+    fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()> {
+        self.enter("copy_volume", name)?;
+        let source = self.facts(from).ok_or_else(|| missing("copying", from))?;
+        // Like libvirt's copy of a qcow2 image: the source's size, whatever was asked.
+        let _ = capacity;
+        self.create(name, source.capacity, format.as_str(), &[])
+    }
+
+    fn resize_volume(&self, name: &str, capacity: u64) -> Result<()> {
+        self.enter("resize_volume", name)?;
+        let mut s = self.s.borrow_mut();
+        let v = s
+            .volumes
+            .get_mut(name)
+            .ok_or_else(|| missing("growing", name))?;
+        if capacity < v.facts.capacity {
+            return Err(CpiError::cloud(format!(
+                "growing volume {name}: shrinking is not allowed"
+            )));
+        }
+        v.facts.capacity = capacity;
+        Ok(())
+    }
+
+    fn delete_volume(&self, name: &str) -> Result<bool> {
+        self.enter("delete_volume", name)?;
+        Ok(self.s.borrow_mut().volumes.remove(name).is_some())
+    }
+
+    fn read_volume(&self, name: &str, length: u64) -> Result<Vec<u8>> {
+        self.enter("read_volume", name)?;
+        let s = self.s.borrow();
+        let v = s
+            .volumes
+            .get(name)
+            .ok_or_else(|| missing("reading", name))?;
+        let n = usize::try_from(length)
+            .unwrap_or(usize::MAX)
+            .min(v.data.len());
+        Ok(v.data[..n].to_vec())
+    }
+
+    fn read_json(&self, name: &str) -> Result<Option<Value>> {
+        self.enter("read_json", name)?;
+        let s = self.s.borrow();
+        let Some(v) = s.volumes.get(name) else {
+            return Ok(None);
+        };
+        serde_json::from_str(sidecar_text(&v.data))
+            .map(Some)
+            .map_err(|e| {
+                CpiError::cloud(format!(
+                    "volume {name} does not hold the JSON record expected: {e}"
+                ))
+            })
+    }
+
+    fn write_json(&self, name: &str, value: &Value) -> Result<()> {
+        self.enter("write_json", name)?;
+        let bytes = serde_json::to_vec(value).expect("JSON");
+        if !self.exists(name) {
+            self.create(name, 4096, "raw", &[])?;
+        }
+        let mut s = self.s.borrow_mut();
+        if let Some(v) = s.volumes.get_mut(name) {
+            v.data = bytes;
+        }
+        Ok(())
+    }
+
+    fn has_valid_marker(&self, volume: &str) -> Result<bool> {
+        let marker = crate::names::marker_name(volume);
+        self.enter("has_valid_marker", &marker)?;
+        Ok(matches!(self.json(&marker), Some(Value::Object(_))))
+    }
+
+    fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>> {
+        self.enter("vm_disks", vm_cid)?;
+        Ok(self.s.borrow().vms.get(vm_cid).cloned())
+    }
+
+    fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>> {
+        self.enter("disk_holders", r.cid)?;
+        Ok(self
+            .s
+            .borrow()
+            .vms
+            .iter()
+            .filter(|(_, d)| d.holds(r))
+            .map(|(vm, d)| Holder {
+                domain: vm.clone(),
+                disks: d.clone(),
+            })
+            .collect())
+    }
+}

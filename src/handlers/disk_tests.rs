@@ -340,6 +340,19 @@ fn delete_disk_of_an_older_disk_scans_every_vm() {
 }
 
 #[test]
+fn delete_disk_with_an_unreadable_holder_record_scans_every_vm() {
+    let host = FakeHost::new();
+    let cid = made_disk(&host, 1);
+    // A holder record whose write was killed half-way.
+    host.put_volume(&holder_name(&cid), 4096, "raw", b"{\"vm\": \"vm-");
+    host.put_vm(OTHER_VM, true, vec![FakeHost::disk_device(&cid, "vdb")]);
+    let e = err(delete_disk(&host, &mut log(), &cid));
+    assert!(e.message.contains(OTHER_VM), "{}", e.message);
+    assert!(host.calls().iter().any(|c| c.starts_with("disk_holders")));
+    assert!(host.exists(&cid));
+}
+
+#[test]
 fn delete_disk_ignores_a_stale_holder_record() {
     let host = FakeHost::new();
     let cid = made_disk(&host, 1);

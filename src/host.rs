@@ -13,6 +13,8 @@
 #[cfg(test)]
 pub mod fake;
 
+use std::time::Duration;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -166,6 +168,22 @@ pub trait DiskHost {
     fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>>;
     /// Every VM (ours or not) whose live or persistent definition refers to the disk.
     fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>>;
+
+    /// Ends a block copy of device `target` of VM `vm_cid` that nobody
+    /// watches any more (the live copy of a killed snapshot_disk), deleting
+    /// its destination when that is an unfinished snapshot; returns what was
+    /// deleted. A copy still in progress is a retryable error.
+    fn end_abandoned_copy(&self, vm_cid: &str, target: &str) -> Result<Option<String>>;
+    /// Copies device `target` of running VM `vm_cid` into the existing, empty
+    /// qcow2 volume `dest` as it is at one instant (crash-consistent), the
+    /// guest staying on its disk; gives up after `stall_timeout` without progress.
+    fn live_copy(
+        &self,
+        vm_cid: &str,
+        target: &str,
+        dest: &str,
+        stall_timeout: Duration,
+    ) -> Result<()>;
 }
 
 impl dyn DiskHost + '_ {

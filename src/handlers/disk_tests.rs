@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::disk::{
     create_disk, delete_disk, get_disks, has_disk, resize_disk, set_disk_metadata, update_disk,
 };
-use super::snapshot::delete_snapshot;
+use super::snapshot::{delete_snapshot, snapshot_disk};
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::host::fake::{FakeHost, POOL};
 use crate::host::{DiskHost, MIB};
@@ -526,6 +526,145 @@ fn get_disks_of_an_unknown_vm_is_vm_not_found() {
     assert!(host.calls().is_empty());
     let e = err(get_disks(&host, VM));
     assert_eq!(e.kind.bosh_type(), "Bosh::Clouds::VMNotFound");
+}
+
+// ---- snapshot_disk ----------------------------------------------------------------
+
+fn snapshot(host: &FakeHost, disk: &str) -> Result<String> {
+    snapshot_disk(host, &mut log(), disk, &obj(json!({"why": "test"})))
+        .map(|v| v.as_str().unwrap().to_string())
+}
+
+#[test]
+fn snapshot_disk_of_a_detached_disk_is_an_exact_copy_with_a_record() {
+    let host = FakeHost::new();
+    let disk = create(&host, 3, json!({"format": "raw"})).unwrap();
+    let snap = snapshot(&host, &disk).unwrap();
+    assert!(names::is_snapshot_cid(&snap) && snap.starts_with(&names::snapshots_of(&disk)));
+    let facts = host.facts(&snap).unwrap();
+    assert_eq!(
+        (facts.format.as_deref(), facts.capacity),
+        (Some("qcow2"), 3 * MIB)
+    );
+    let record = host.json(&marker_name(&snap)).unwrap();
+    assert_eq!(record["disk_cid"], json!(disk));
+    assert_eq!(record["disk_format"], "raw");
+    assert_eq!(record["metadata"], json!({"why": "test"}));
+    assert!(record["consistency"].as_str().unwrap().starts_with("exact"));
+    assert!(!host.calls().iter().any(|c| c.starts_with("live_copy")));
+}
+
+#[test]
+fn snapshot_disk_of_an_absent_disk_is_disk_not_found() {
+    let host = FakeHost::new();
+    let e = snapshot(&host, &names::new_disk_cid()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::DiskNotFound);
+    assert!(host.names().is_empty());
+}
+
+#[test]
+fn snapshot_disk_refuses_to_let_the_host_read_a_relabelled_raw_disk() {
+    let host = FakeHost::new();
+    let disk = create(&host, 1, json!({"format": "raw"})).unwrap();
+    host.set_probed_format(&disk, "qcow2");
+    let e = snapshot(&host, &disk).unwrap_err();
+    assert!(e.message.contains("created as raw"), "{}", e.message);
+    assert!(!host.names().iter().any(|n| names::is_snapshot_cid(n)));
+}
+
+#[test]
+fn snapshot_disk_of_a_disk_in_a_running_vm_copies_through_the_vm() {
+    let host = FakeHost::new();
+    let disk = made_disk(&host, 2);
+    host.put_json(&holder_name(&disk), &json!({ "vm": VM }));
+    host.put_vm(VM, true, vec![FakeHost::disk_device(&disk, "vdb")]);
+    let snap = snapshot(&host, &disk).unwrap();
+    assert!(host.calls().contains(&format!("live_copy {VM}")));
+    let record = host.json(&marker_name(&snap)).unwrap();
+    let consistency = record["consistency"].as_str().unwrap();
+    assert!(consistency.starts_with("crash-consistent") && consistency.contains(VM));
+    // In a VM that is shut off, the copy is exact.
+    host.put_vm(VM, false, vec![FakeHost::disk_device(&disk, "vdb")]);
+    let snap = snapshot(&host, &disk).unwrap();
+    let record = host.json(&marker_name(&snap)).unwrap();
+    assert!(record["consistency"].as_str().unwrap().starts_with("exact"));
+}
+
+#[test]
+fn snapshot_disk_whose_live_copy_fails_leaves_no_snapshot() {
+    let host = FakeHost::new();
+    let disk = made_disk(&host, 2);
+    host.put_json(&holder_name(&disk), &json!({ "vm": VM }));
+    host.put_vm(VM, true, vec![FakeHost::disk_device(&disk, "vdb")]);
+    host.fail_next("live_copy", CpiError::cloud("made no progress for 60 s"));
+    let e = snapshot(&host, &disk).unwrap_err();
+    assert!(
+        e.message.starts_with(&format!("snapshotting disk {disk}")),
+        "{}",
+        e.message
+    );
+    assert!(
+        !host.names().iter().any(|n| n.starts_with("snap-")),
+        "{:?}",
+        host.names()
+    );
+}
+
+#[test]
+fn snapshot_disk_whose_record_fails_leaves_no_snapshot() {
+    let host = FakeHost::new();
+    let disk = made_disk(&host, 1);
+    host.fail_next("write_json", CpiError::new(ErrorKind::NoDiskSpace, "full"));
+    let e = snapshot(&host, &disk).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoDiskSpace);
+    assert!(
+        !host.names().iter().any(|n| n.starts_with("snap-")),
+        "{:?}",
+        host.names()
+    );
+    assert!(host.exists(&disk));
+}
+
+#[test]
+fn snapshot_disk_first_ends_the_copy_a_killed_snapshot_left() {
+    let host = FakeHost::new();
+    let disk = made_disk(&host, 1);
+    let left = names::new_snapshot_cid(&disk);
+    host.put_volume(&left, MIB, "qcow2", b"");
+    host.put_json(&holder_name(&disk), &json!({ "vm": VM }));
+    let mut dev = FakeHost::disk_device(&disk, "vdb");
+    dev.mirror_ready = Some(true);
+    dev.mirror_path = Some(format!("/{POOL}/{left}"));
+    host.put_vm(VM, true, vec![dev]);
+    let snap = snapshot(&host, &disk).unwrap();
+    assert!(!host.exists(&left), "the unfinished copy is deleted");
+    assert!(host.exists(&snap) && host.exists(&marker_name(&snap)));
+    let calls = host.calls();
+    let ended = calls
+        .iter()
+        .position(|c| c.starts_with("end_abandoned_copy"));
+    let copied = calls.iter().position(|c| c.starts_with("live_copy"));
+    assert!(ended.is_some() && ended < copied, "{calls:?}");
+}
+
+#[test]
+fn snapshot_disk_sweeps_old_unfinished_snapshots_of_the_same_disk_only() {
+    let host = FakeHost::new();
+    let disk = made_disk(&host, 1);
+    let other = made_disk(&host, 1);
+    let unfinished = names::new_snapshot_cid(&disk);
+    let others = names::new_snapshot_cid(&other);
+    let complete = made_snapshot(&host, &disk, MIB);
+    for s in [&unfinished, &others] {
+        host.put_volume(s, MIB, "qcow2", b"");
+    }
+    for s in [&unfinished, &others, &complete] {
+        host.set_mtime(s, 0.0);
+    }
+    host.advance_clock(3600.0);
+    snapshot(&host, &disk).unwrap();
+    assert!(!host.exists(&unfinished));
+    assert!(host.exists(&others) && host.exists(&complete));
 }
 
 // ---- delete_snapshot ----------------------------------------------------------------

@@ -137,7 +137,8 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             disk::set_disk_metadata(&host, log, &disk_cid, &metadata)
         }
         Method::SnapshotDisk { disk_cid, metadata } => {
-            snapshot::snapshot_disk(call, &disk_cid, &metadata)
+            let (host, log) = call.disks();
+            snapshot::snapshot_disk(&host, log, &disk_cid, &metadata)
         }
         Method::DeleteSnapshot { snapshot_cid } => {
             let (host, log) = call.disks();

@@ -27,7 +27,6 @@ use serde_json::Value;
 use super::disk_record::{checked_format, find_disk, holder_is_recorded, recorded_format};
 use super::holder;
 use super::sweep::{self, Leftovers};
-use super::Call;
 use crate::error::{CpiError, Result};
 use crate::host::{DiskFormat, DiskHost, VolumeFacts};
 use crate::log::Logger;
@@ -63,12 +62,16 @@ pub(super) fn find_snapshot(host: &dyn DiskHost, snapshot_cid: &str) -> Result<O
     Ok(Some(Snapshot { facts }))
 }
 
-pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Result<Value> {
-    let (host, log) = call.disks();
-    let disk = find_disk(&host, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
+pub fn snapshot_disk(
+    host: &dyn DiskHost,
+    log: &mut Logger,
+    disk_cid: &str,
+    metadata: &Object,
+) -> Result<Value> {
+    let disk = find_disk(host, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
     let r = disk.dref(host.pool_name());
-    let tracked = holder_is_recorded(&host, disk_cid);
-    let holders = holder::holders(&host, &r, tracked)?;
+    let tracked = holder_is_recorded(host, disk_cid);
+    let holders = holder::holders(host, &r, tracked)?;
     let live = holders.iter().find_map(|h| {
         h.disks
             .live_ref(&r)
@@ -82,30 +85,16 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         Some((vm, target, copying)) => {
             // The VM reads the disk with the format in its definition, which
             // the CPI wrote from its record; the copy goes through the VM.
-            let format = recorded_format(&host, log, &disk)?;
-            let lv = host.libvirt()?;
-            let pool = host.pool()?;
-            let domain = lv.find_domain(vm)?.ok_or_else(|| {
-                CpiError::cloud(format!(
-                    "VM {vm} vanished while snapshotting {disk_cid}; retry"
-                ))
-            })?;
+            let format = recorded_format(host, log, &disk)?;
             if *copying {
-                if let Some(gone) = lv.end_abandoned_copy(pool, &domain, vm, target)? {
+                if let Some(gone) = host.end_abandoned_copy(vm, target)? {
                     log.warn(format!(
                         "ended the abandoned live copy of {disk_cid} (a killed snapshot_disk) and deleted {gone}"
                     ));
                 }
             }
             host.create_volume(&snapshot_cid, capacity, DiskFormat::Qcow2)?;
-            let copied = host
-                .volume(&snapshot_cid)
-                .and_then(|f| {
-                    f.ok_or_else(|| CpiError::cloud(format!("volume {snapshot_cid} vanished")))
-                })
-                .and_then(|f| {
-                    lv.live_block_copy(&domain, vm, target, &f.path, LIVE_COPY_STALL_TIMEOUT)
-                });
+            let copied = host.live_copy(vm, target, &snapshot_cid, LIVE_COPY_STALL_TIMEOUT);
             if let Err(e) = copied {
                 let _ = host.delete_volume(&snapshot_cid);
                 return Err(e.context(format!("snapshotting disk {disk_cid}")));
@@ -116,7 +105,7 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
             )
         }
         None => {
-            let format = checked_format(&host, log, &disk)?;
+            let format = checked_format(host, log, &disk)?;
             host.copy_volume(&snapshot_cid, disk_cid, capacity, DiskFormat::Qcow2)?;
             (
                 format,
@@ -125,7 +114,7 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         }
     };
 
-    sweep_unfinished_snapshots(&host, log, disk_cid, &snapshot_cid);
+    sweep_unfinished_snapshots(host, log, disk_cid, &snapshot_cid);
 
     let record = SnapshotRecord {
         capacity_bytes: capacity,
@@ -135,7 +124,6 @@ pub fn snapshot_disk(call: &mut Call, disk_cid: &str, metadata: &Object) -> Resu
         disk_format: disk_format.as_str().to_string(),
         metadata: metadata.clone(),
     };
-    let host: &dyn DiskHost = &host;
     host.mark_complete(&snapshot_cid, &record)
         .map_err(|e| e.context(format!("recording snapshot {snapshot_cid}")))?;
     log.summary(format!(

@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -356,4 +357,57 @@ impl DiskHost for FakeHost {
             })
             .collect())
     }
+
+    fn end_abandoned_copy(&self, vm_cid: &str, target: &str) -> Result<Option<String>> {
+        self.enter("end_abandoned_copy", vm_cid)?;
+        let mut s = self.s.borrow_mut();
+        let vm = s.vms.get_mut(vm_cid).ok_or_else(|| vanished(vm_cid))?;
+        let Some(dev) = vm.live.iter_mut().find(|d| d.target == target) else {
+            return Ok(None);
+        };
+        match dev.mirror_ready {
+            None => Ok(None),
+            Some(false) => Err(CpiError::cloud(format!(
+                "disk {target} of domain {vm_cid} is being copied; retry"
+            ))
+            .retryable(true)),
+            Some(true) => {
+                dev.mirror_ready = None;
+                let dest = dev
+                    .mirror_path
+                    .take()
+                    .and_then(|p| p.rsplit('/').next().map(str::to_string));
+                let unfinished = dest.filter(|d| {
+                    d.starts_with(crate::names::SNAPSHOT_PREFIX)
+                        && !s.volumes.contains_key(&crate::names::marker_name(d))
+                });
+                Ok(unfinished.filter(|d| s.volumes.remove(d).is_some()))
+            }
+        }
+    }
+
+    fn live_copy(
+        &self,
+        vm_cid: &str,
+        target: &str,
+        dest: &str,
+        _stall_timeout: Duration,
+    ) -> Result<()> {
+        self.enter("live_copy", vm_cid)?;
+        let s = self.s.borrow();
+        let vm = s.vms.get(vm_cid).ok_or_else(|| vanished(vm_cid))?;
+        if !vm.running || !vm.live.iter().any(|d| d.target == target) {
+            return Err(CpiError::cloud(format!(
+                "live copy of disk {target} of domain {vm_cid}: no such running device"
+            )));
+        }
+        if !s.volumes.contains_key(dest) {
+            return Err(missing("copying into", dest));
+        }
+        Ok(())
+    }
+}
+
+fn vanished(vm_cid: &str) -> CpiError {
+    CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry"))
 }

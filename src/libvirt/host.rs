@@ -4,8 +4,10 @@
 //! handle looked up by name.
 
 use std::cell::OnceCell;
+use std::time::Duration;
 
 use serde_json::Value;
+use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
@@ -55,6 +57,12 @@ impl<'a> LibvirtDisks<'a> {
 
     fn parts(&self) -> Result<(&'a Libvirt, &StoragePool)> {
         Ok((self.libvirt()?, self.pool()?))
+    }
+
+    fn domain(&self, vm_cid: &str) -> Result<Domain> {
+        self.libvirt()?
+            .find_domain(vm_cid)?
+            .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))
     }
 
     fn existing(&self, name: &str, doing: &str) -> Result<StorageVol> {
@@ -153,5 +161,26 @@ impl DiskHost for LibvirtDisks<'_> {
 
     fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>> {
         self.libvirt()?.disk_holders(r)
+    }
+
+    fn end_abandoned_copy(&self, vm_cid: &str, target: &str) -> Result<Option<String>> {
+        let domain = self.domain(vm_cid)?;
+        let (lv, pool) = self.parts()?;
+        lv.end_abandoned_copy(pool, &domain, vm_cid, target)
+    }
+
+    fn live_copy(
+        &self,
+        vm_cid: &str,
+        target: &str,
+        dest: &str,
+        stall_timeout: Duration,
+    ) -> Result<()> {
+        let domain = self.domain(vm_cid)?;
+        let path = self
+            .libvirt()?
+            .volume_path(&self.existing(dest, "copying into")?, dest)?;
+        self.libvirt()?
+            .live_block_copy(&domain, vm_cid, target, &path, stall_timeout)
     }
 }

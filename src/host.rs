@@ -22,6 +22,7 @@ use serde_json::Value;
 use crate::error::{CpiError, Result};
 pub use crate::image::DiskFormat;
 use crate::names::marker_name;
+use crate::vm_spec::{DiskBus, DiskOptions};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -121,6 +122,45 @@ pub struct Holder {
     pub disks: DomainDisks,
 }
 
+/// A persistent disk's device as the CPI attaches it: the disk's file in
+/// the recorded format, on its disk_type's bus and options, with the CID as
+/// its serial (how the agent finds it).
+#[derive(Debug, Clone)]
+pub struct DiskAttachment<'a> {
+    pub path: &'a str,
+    pub format: DiskFormat,
+    pub target: &'a str,
+    pub serial: &'a str,
+    pub options: &'a DiskOptions,
+}
+
+/// The first target name of the bus (`vdX` for virtio, `sdX` for scsi;
+/// a..z, aa..) not in `used`.
+pub fn next_free_target(used: &[String], bus: DiskBus) -> String {
+    let prefix = match bus {
+        DiskBus::Virtio => "vd",
+        DiskBus::Scsi => "sd",
+    };
+    (0..)
+        .map(|i| format!("{prefix}{}", drive_letters(i)))
+        .find(|t| !used.iter().any(|u| u == t))
+        .unwrap_or_default()
+}
+
+/// 0 -> a, 25 -> z, 26 -> aa: the kernel's and libvirt's disk naming.
+fn drive_letters(mut i: usize) -> String {
+    let mut s = Vec::new();
+    loop {
+        s.push(b'a' + (i % 26) as u8);
+        if i < 26 {
+            break;
+        }
+        i = i / 26 - 1;
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
+}
+
 /// What the disk and snapshot handlers need of the host. Every volume is one
 /// of the CPI's pool, named by the caller (see `crate::names`).
 pub trait DiskHost {
@@ -164,10 +204,42 @@ pub trait DiskHost {
     /// write was killed holds zeros or a torn document: no marker).
     fn has_valid_marker(&self, volume: &str) -> Result<bool>;
 
+    /// Whether there is a VM of that CID (one lookup).
+    fn vm_exists(&self, vm_cid: &str) -> Result<bool>;
     /// The disks of VM `vm_cid`; `None` when there is no such VM.
     fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>>;
     /// Every VM (ours or not) whose live or persistent definition refers to the disk.
     fn disk_holders(&self, r: &DiskRef) -> Result<Vec<Holder>>;
+
+    /// Adds the device to running VM `vm_cid` (`live`) and/or to its
+    /// persistent definition (`config`).
+    fn attach_disk_device(
+        &self,
+        vm_cid: &str,
+        device: &DiskAttachment,
+        live: bool,
+        config: bool,
+    ) -> Result<()>;
+    /// Asks the guest to release a hot-plugged disk and waits until the VM's
+    /// live definition no longer shows it, `timeout` at most.
+    fn detach_disk_live(
+        &self,
+        vm_cid: &str,
+        dev: &DiskDevice,
+        r: &DiskRef,
+        timeout: Duration,
+    ) -> Result<()>;
+    /// Removes the device from the VM's persistent definition (gone already: done).
+    fn detach_disk_config(&self, vm_cid: &str, dev: &DiskDevice) -> Result<()>;
+    /// Removes what a hot-plug of the file at `path` that libvirtd did not
+    /// live to record left in QEMU (see libvirt/orphan_nodes.rs); a
+    /// description of what was removed, `None` when there was nothing.
+    fn remove_orphan_block_nodes(
+        &self,
+        vm_cid: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>>;
 
     /// Ends a block copy of device `target` of VM `vm_cid` that nobody
     /// watches any more (the live copy of a killed snapshot_disk), deleting
@@ -215,5 +287,28 @@ impl dyn DiskHost + '_ {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_fill_the_first_gap() {
+        let used = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let v = DiskBus::Virtio;
+        assert_eq!(next_free_target(&used(&[]), v), "vda");
+        assert_eq!(next_free_target(&used(&["vda", "vdb", "sda"]), v), "vdc");
+        assert_eq!(next_free_target(&used(&["vda", "vdc"]), v), "vdb");
+        assert_eq!(
+            next_free_target(&used(&["vda", "vdb", "sda"]), DiskBus::Scsi),
+            "sdb"
+        );
+        let all: Vec<String> = (0..26).map(|i| format!("vd{}", drive_letters(i))).collect();
+        assert_eq!(all[25], "vdz");
+        assert_eq!(next_free_target(&all, v), "vdaa");
+        assert_eq!(drive_letters(27), "ab");
+        assert_eq!(drive_letters(26 * 27), "aaa");
     }
 }

@@ -1,22 +1,16 @@
 //! attach_disk and detach_disk (cpi-contract.md 2.4): a persistent disk's
 //! device in a VM, hot-plugged while the VM runs, always in its persistent
 //! definition; where it is attached is recorded under the disk's lock (see
-//! `holder`). Hot-plug, confirmed unplug and QEMU's leftovers still go
-//! through the libvirt connection directly: the `DiskHost` seam does not
-//! cover them yet.
+//! `holder`). Both return the v2 result; `dispatch` shapes it for v1 callers.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use virt::domain::Domain;
 
 use super::disk_record::{find_disk, recorded_format, recorded_options, Disk};
 use super::holder::{self, attached_elsewhere};
-use super::Call;
 use crate::error::{CpiError, ErrorKind, Result};
-use crate::host::{DiskFormat, DiskHost, DiskRef};
-use crate::libvirt::disk::{disk_device_xml, next_free_target};
-use crate::libvirt::host::LibvirtDisks;
+use crate::host::{next_free_target, DiskAttachment, DiskFormat, DiskHost, DiskRef};
 use crate::log::Logger;
 use crate::names;
 use crate::vm_spec::{DiskBus, DiskOptions};
@@ -25,44 +19,36 @@ use crate::vm_spec::{DiskBus, DiskOptions};
 /// The director retries a failed detach, and the request stays pending meanwhile.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub fn attach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Value> {
-    if !names::is_vm_cid(vm_cid) {
+/// The v2 result: the disk hint `{"path": ...}` (v1 callers get null).
+pub fn attach_disk(
+    host: &dyn DiskHost,
+    log: &mut Logger,
+    vm_cid: &str,
+    disk_cid: &str,
+) -> Result<Value> {
+    if !names::is_vm_cid(vm_cid) || !host.vm_exists(vm_cid)? {
         return Err(CpiError::vm_not_found(vm_cid));
     }
-    let v1 = call.request.wants_v1_shapes();
-    let (host, log) = call.disks();
-    let domain = host
-        .libvirt()?
-        .find_domain(vm_cid)?
-        .ok_or_else(|| CpiError::vm_not_found(vm_cid))?;
-    let disk = find_disk(&host, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
-    let format = recorded_format(&host, log, &disk)?;
-    let (options, tracked) = recorded_options(&host, disk_cid)?;
-    let target = holder::with_lock(&host, log, disk_cid, |log| {
-        attach_locked(
-            &host, log, vm_cid, &domain, &disk, format, &options, tracked,
-        )
+    let disk = find_disk(host, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
+    let format = recorded_format(host, log, &disk)?;
+    let (options, tracked) = recorded_options(host, disk_cid)?;
+    let target = holder::with_lock(host, log, disk_cid, |log| {
+        attach_locked(host, log, vm_cid, &disk, format, &options, tracked)
     })?;
-    if v1 {
-        return Ok(Value::Null);
-    }
     Ok(json!({ "path": hint_path(&options, &target, disk_cid) }))
 }
 
 /// attach_disk under the disk's lock; returns the device's target.
-#[allow(clippy::too_many_arguments)]
 fn attach_locked(
-    host: &LibvirtDisks,
+    host: &dyn DiskHost,
     log: &mut Logger,
     vm_cid: &str,
-    domain: &Domain,
     disk: &Disk,
     format: DiskFormat,
     options: &DiskOptions,
     tracked: bool,
 ) -> Result<String> {
     let disk_cid = disk.cid.as_str();
-    let lv = host.libvirt()?;
     let r = disk.dref(host.pool_name());
     let holders = holder::holders(host, &r, tracked)?;
     if let Some(other) = holders.iter().find(|h| h.domain != vm_cid) {
@@ -74,8 +60,8 @@ fn attach_locked(
     }
     let disks = match holders.into_iter().find(|h| h.domain == vm_cid) {
         Some(h) => h.disks,
-        None => lv
-            .domain_disks(domain, vm_cid)?
+        None => host
+            .vm_disks(vm_cid)?
             .ok_or_else(|| CpiError::vm_not_found(vm_cid))?,
     };
     // Already attached (fully or half: a previous attempt may have stopped
@@ -96,14 +82,20 @@ fn attach_locked(
         ));
         return Ok(target);
     }
-    let xml = disk_device_xml(&disk.facts.path, format, &target, disk_cid, options);
-    match lv.attach_disk_device(domain, vm_cid, &xml, need_live, need_config) {
+    let device = DiskAttachment {
+        path: &disk.facts.path,
+        format,
+        target: &target,
+        serial: disk_cid,
+        options,
+    };
+    match host.attach_disk_device(vm_cid, &device, need_live, need_config) {
         Ok(()) => {}
         // The domain may have stopped since we looked: then its persistent
         // definition is all there is to change.
-        Err(e) if need_live && need_config && !domain.is_active().unwrap_or(true) => {
+        Err(e) if need_live && need_config && stopped(host, vm_cid) => {
             log.info(format!("{vm_cid} is no longer running ({e})"));
-            lv.attach_disk_device(domain, vm_cid, &xml, false, true)?;
+            host.attach_disk_device(vm_cid, &device, false, true)?;
         }
         // A libvirtd that died in the middle of an earlier hot-plug of this
         // disk leaves QEMU holding its block nodes (and maybe the guest
@@ -111,23 +103,23 @@ fn attach_locked(
         // they are gone (see libvirt/orphan_nodes.rs). A lost connection
         // (retryable) says nothing about QEMU: the next call looks.
         Err(e) if need_live && !e.ok_to_retry => {
-            let orphans = lv
-                .remove_orphan_block_nodes(domain, vm_cid, &disk.facts.path, DETACH_TIMEOUT)
+            let orphans = host
+                .remove_orphan_block_nodes(vm_cid, &disk.facts.path, DETACH_TIMEOUT)
                 .map_err(|c| {
                     c.context(format!(
                         "{}; then, removing what an earlier hot-plug left",
                         e.message
                     ))
                 })?;
-            if orphans.is_empty() {
+            let Some(orphans) = orphans else {
                 return Err(e);
-            }
+            };
             log.warn(format!(
                 "hot-plugging {disk_cid} into {vm_cid} failed ({}): removed what an earlier \
                  hot-plug that libvirtd did not live to record left in QEMU ({orphans}); attaching again",
                 e.message
             ));
-            lv.attach_disk_device(domain, vm_cid, &xml, need_live, need_config)?;
+            host.attach_disk_device(vm_cid, &device, need_live, need_config)?;
         }
         Err(e) => return Err(e),
     }
@@ -159,6 +151,14 @@ fn attach_locked(
     Ok(target)
 }
 
+/// Whether the VM is known to be shut off now (not when it cannot be told).
+fn stopped(host: &dyn DiskHost, vm_cid: &str) -> bool {
+    host.vm_disks(vm_cid)
+        .ok()
+        .flatten()
+        .is_some_and(|d| !d.running)
+}
+
 /// The `path` of the disk hint. The agent looks for a persistent disk by
 /// its CID first (`/dev/disk/by-id/*<CID>`, bosh-agent
 /// infrastructure/devicepathresolver/id_device_path_resolver.go), which
@@ -173,30 +173,31 @@ fn hint_path(options: &DiskOptions, target: &str, disk_cid: &str) -> String {
 }
 
 /// Backs out an attach that lost a race (see attach_disk).
-fn undo_attach(host: &LibvirtDisks, vm_cid: &str, disk_cid: &str, was_live: bool) -> Result<()> {
-    let lv = host.libvirt()?;
-    let Some(domain) = lv.find_domain(vm_cid)? else {
-        return Ok(());
-    };
+fn undo_attach(host: &dyn DiskHost, vm_cid: &str, disk_cid: &str, was_live: bool) -> Result<()> {
     let Some(disk) = find_disk(host, disk_cid)? else {
         return Ok(());
     };
     let r = disk.dref(host.pool_name());
-    let Some(disks) = lv.domain_disks(&domain, vm_cid)? else {
+    let Some(disks) = host.vm_disks(vm_cid)? else {
         return Ok(());
     };
     if was_live {
         if let Some(dev) = disks.live_ref(&r) {
-            lv.detach_disk_live(&domain, vm_cid, dev, &r, DETACH_TIMEOUT)?;
+            host.detach_disk_live(vm_cid, dev, &r, DETACH_TIMEOUT)?;
         }
     }
     if let Some(dev) = disks.config_ref(&r) {
-        lv.detach_disk_config(&domain, vm_cid, dev)?;
+        host.detach_disk_config(vm_cid, dev)?;
     }
     Ok(())
 }
 
-pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Value> {
+pub fn detach_disk(
+    host: &dyn DiskHost,
+    log: &mut Logger,
+    vm_cid: &str,
+    disk_cid: &str,
+) -> Result<Value> {
     let not_attached = || {
         CpiError::new(
             ErrorKind::DiskNotAttached,
@@ -206,13 +207,12 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
     if !names::is_vm_cid(vm_cid) || !names::is_disk_cid(disk_cid) {
         return Err(not_attached());
     }
-    let (host, log) = call.disks();
-    let Some(domain) = host.libvirt()?.find_domain(vm_cid)? else {
+    if !host.vm_exists(vm_cid)? {
         return Err(not_attached());
-    };
+    }
     // The volume may be gone while a domain still refers to it: then the
     // serial is all there is to recognise it by.
-    let disk = find_disk(&host, disk_cid)?;
+    let disk = find_disk(host, disk_cid)?;
     let r = match &disk {
         Some(d) => d.dref(host.pool_name()),
         None => DiskRef {
@@ -222,15 +222,15 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
         },
     };
     if disk.is_none() {
-        return detach_locked(&host, log, vm_cid, &domain, &r);
+        return detach_locked(host, log, vm_cid, &r);
     }
-    holder::with_lock(&host, log, disk_cid, |log| {
-        match detach_locked(&host, log, vm_cid, &domain, &r) {
-            Ok(_) => holder::release_holder(&host, disk_cid, vm_cid),
+    holder::with_lock(host, log, disk_cid, |log| {
+        match detach_locked(host, log, vm_cid, &r) {
+            Ok(_) => holder::release_holder(host, disk_cid, vm_cid),
             // A detach killed between the device and the record leaves the
             // record naming this VM: the retry lands here and removes it.
             Err(e) if e.kind == ErrorKind::DiskNotAttached => {
-                holder::release_holder(&host, disk_cid, vm_cid)?;
+                holder::release_holder(host, disk_cid, vm_cid)?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -241,10 +241,9 @@ pub fn detach_disk(call: &mut Call, vm_cid: &str, disk_cid: &str) -> Result<Valu
 
 /// detach_disk under the disk's lock (when the disk still exists).
 fn detach_locked(
-    host: &LibvirtDisks,
+    host: &dyn DiskHost,
     log: &mut Logger,
     vm_cid: &str,
-    domain: &Domain,
     r: &DiskRef,
 ) -> Result<Value> {
     let disk_cid = r.cid;
@@ -254,8 +253,7 @@ fn detach_locked(
             format!("{disk_cid} is not attached to {vm_cid}"),
         )
     };
-    let lv = host.libvirt()?;
-    let Some(disks) = lv.domain_disks(domain, vm_cid)? else {
+    let Some(disks) = host.vm_disks(vm_cid)? else {
         return Err(not_attached());
     };
     let live = disks.live_ref(r).cloned();
@@ -269,7 +267,7 @@ fn detach_locked(
         // Only a device the guest has yet to release fails the call; QEMU
         // that cannot be asked leaves the answer DiskNotAttached.
         if let (true, Some(path)) = (disks.running, r.path) {
-            let orphans = match lv.remove_orphan_block_nodes(domain, vm_cid, path, DETACH_TIMEOUT) {
+            let orphans = match host.remove_orphan_block_nodes(vm_cid, path, DETACH_TIMEOUT) {
                 Ok(o) => o,
                 Err(e) if e.ok_to_retry => return Err(e),
                 Err(e) => {
@@ -277,10 +275,10 @@ fn detach_locked(
                         "looking in QEMU for what a hot-plug of {disk_cid} may have left: {}",
                         e.message
                     ));
-                    Default::default()
+                    None
                 }
             };
-            if !orphans.is_empty() {
+            if let Some(orphans) = orphans {
                 log.summary(format!(
                     "detached disk {disk_cid} from {vm_cid}: removed what a hot-plug that \
                      libvirtd did not live to record left in QEMU ({orphans})"
@@ -292,16 +290,16 @@ fn detach_locked(
     }
     if let Some(dev) = &live {
         if dev.mirror_ready.is_some() {
-            if let Some(gone) = lv.end_abandoned_copy(host.pool()?, domain, vm_cid, &dev.target)? {
+            if let Some(gone) = host.end_abandoned_copy(vm_cid, &dev.target)? {
                 log.warn(format!(
                     "ended the abandoned live copy of {disk_cid} (a killed snapshot_disk) and deleted {gone}"
                 ));
             }
         }
-        lv.detach_disk_live(domain, vm_cid, dev, r, DETACH_TIMEOUT)?;
+        host.detach_disk_live(vm_cid, dev, r, DETACH_TIMEOUT)?;
     }
     if let Some(dev) = &config {
-        lv.detach_disk_config(domain, vm_cid, dev)?;
+        host.detach_disk_config(vm_cid, dev)?;
     }
     let target = live.or(config).map(|d| d.target).unwrap_or_default();
     log.summary(format!("detached disk {disk_cid} ({target}) from {vm_cid}"));

@@ -3,6 +3,8 @@
 //! libvirt connection opened on first use (so `info` never touches libvirt).
 
 mod attach;
+#[cfg(test)]
+mod attach_tests;
 mod disk;
 mod disk_record;
 #[cfg(test)]
@@ -121,8 +123,22 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             disk::delete_disk(&host, log, &disk_cid)
         }
         Method::HasDisk { disk_cid } => disk::has_disk(&call.disks().0, &disk_cid),
-        Method::AttachDisk { vm_cid, disk_cid } => attach::attach_disk(call, &vm_cid, &disk_cid),
-        Method::DetachDisk { vm_cid, disk_cid } => attach::detach_disk(call, &vm_cid, &disk_cid),
+        Method::AttachDisk { vm_cid, disk_cid } => {
+            let v1 = call.request.wants_v1_shapes();
+            let (host, log) = call.disks();
+            // v1 callers get null, not the disk hint (cpi-contract.md 1.4).
+            attach::attach_disk(&host, log, &vm_cid, &disk_cid).map(|hint| {
+                if v1 {
+                    Value::Null
+                } else {
+                    hint
+                }
+            })
+        }
+        Method::DetachDisk { vm_cid, disk_cid } => {
+            let (host, log) = call.disks();
+            attach::detach_disk(&host, log, &vm_cid, &disk_cid)
+        }
         Method::GetDisks { vm_cid } => disk::get_disks(&call.disks().0, &vm_cid),
         Method::ResizeDisk {
             disk_cid,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::{CpiError, Result};
-use crate::host::{DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts};
+use crate::host::{
+    DiskAttachment, DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts,
+};
 
 pub const POOL: &str = "fake-pool";
 
@@ -35,6 +37,8 @@ struct State {
     vms: BTreeMap<String, DomainDisks>,
     failures: Vec<Failure>,
     calls: Vec<String>,
+    /// What a killed hot-plug left in QEMU, by VM (see remove_orphan_block_nodes).
+    orphans: BTreeMap<String, String>,
 }
 
 pub struct FakeHost {
@@ -124,6 +128,18 @@ impl FakeHost {
                 config: devices,
             },
         );
+    }
+
+    /// QEMU holds what a hot-plug into `vm_cid` that libvirtd did not live to record left.
+    pub fn put_orphans(&self, vm_cid: &str, what: &str) {
+        self.s
+            .borrow_mut()
+            .orphans
+            .insert(vm_cid.to_string(), what.to_string());
+    }
+
+    pub fn vm(&self, vm_cid: &str) -> Option<DomainDisks> {
+        self.s.borrow().vms.get(vm_cid).cloned()
     }
 
     /// The device the CPI attaches for a disk (found by its serial).
@@ -338,6 +354,11 @@ impl DiskHost for FakeHost {
         Ok(matches!(self.json(&marker), Some(Value::Object(_))))
     }
 
+    fn vm_exists(&self, vm_cid: &str) -> Result<bool> {
+        self.enter("vm_exists", vm_cid)?;
+        Ok(self.s.borrow().vms.contains_key(vm_cid))
+    }
+
     fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>> {
         self.enter("vm_disks", vm_cid)?;
         Ok(self.s.borrow().vms.get(vm_cid).cloned())
@@ -356,6 +377,79 @@ impl DiskHost for FakeHost {
                 disks: d.clone(),
             })
             .collect())
+    }
+
+    fn attach_disk_device(
+        &self,
+        vm_cid: &str,
+        d: &DiskAttachment,
+        live: bool,
+        config: bool,
+    ) -> Result<()> {
+        self.enter("attach_disk_device", vm_cid)?;
+        let mut s = self.s.borrow_mut();
+        let vm = s.vms.get_mut(vm_cid).ok_or_else(|| vanished(vm_cid))?;
+        if live && !vm.running {
+            return Err(CpiError::cloud(format!(
+                "attaching disk to domain {vm_cid} (live): domain is not running"
+            )));
+        }
+        let device = DiskDevice {
+            kind: "file".into(),
+            device: "disk".into(),
+            target: d.target.into(),
+            bus: d.options.bus.as_str().into(),
+            serial: Some(d.serial.into()),
+            source_path: Some(d.path.into()),
+            driver_type: Some(d.format.as_str().into()),
+            ..Default::default()
+        };
+        for (wanted, list) in [(live, &mut vm.live), (config, &mut vm.config)] {
+            if wanted {
+                if list.iter().any(|x| x.target == device.target) {
+                    return Err(CpiError::cloud(format!(
+                        "target {} already exists in domain {vm_cid}",
+                        device.target
+                    )));
+                }
+                list.push(device.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn detach_disk_live(
+        &self,
+        vm_cid: &str,
+        dev: &DiskDevice,
+        _r: &DiskRef,
+        _timeout: Duration,
+    ) -> Result<()> {
+        self.enter("detach_disk_live", vm_cid)?;
+        let mut s = self.s.borrow_mut();
+        if let Some(vm) = s.vms.get_mut(vm_cid) {
+            vm.live.retain(|d| d.target != dev.target);
+        }
+        Ok(())
+    }
+
+    fn detach_disk_config(&self, vm_cid: &str, dev: &DiskDevice) -> Result<()> {
+        self.enter("detach_disk_config", vm_cid)?;
+        let mut s = self.s.borrow_mut();
+        if let Some(vm) = s.vms.get_mut(vm_cid) {
+            vm.config.retain(|d| d.target != dev.target);
+        }
+        Ok(())
+    }
+
+    fn remove_orphan_block_nodes(
+        &self,
+        vm_cid: &str,
+        _path: &str,
+        _timeout: Duration,
+    ) -> Result<Option<String>> {
+        self.enter("remove_orphan_block_nodes", vm_cid)?;
+        Ok(self.s.borrow_mut().orphans.remove(vm_cid))
     }
 
     fn end_abandoned_copy(&self, vm_cid: &str, target: &str) -> Result<Option<String>> {

@@ -20,9 +20,9 @@ use super::volume::{DiskFormat, MIB};
 use super::xmltree::Element;
 use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
-pub use crate::host::{DiskDevice, DiskRef, DomainDisks, Holder};
+pub use crate::host::{next_free_target, DiskDevice, DiskRef, DomainDisks, Holder};
 use crate::names::{marker_name, SNAPSHOT_PREFIX};
-use crate::vm_spec::{DiskBus, DiskOptions};
+use crate::vm_spec::DiskOptions;
 
 /// How often a domain's live XML is re-read while waiting for the guest.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -94,33 +94,6 @@ fn detach_xml(d: &DiskDevice) -> String {
         xml_escape(&d.device),
         xml_escape(&d.target)
     )
-}
-
-/// The first target name of the bus (`vdX` for virtio, `sdX` for scsi;
-/// a..z, aa..) not in `used`.
-pub fn next_free_target(used: &[String], bus: DiskBus) -> String {
-    let prefix = match bus {
-        DiskBus::Virtio => "vd",
-        DiskBus::Scsi => "sd",
-    };
-    (0..)
-        .map(|i| format!("{prefix}{}", drive_letters(i)))
-        .find(|t| !used.iter().any(|u| u == t))
-        .unwrap_or_default()
-}
-
-/// 0 -> a, 25 -> z, 26 -> aa: the kernel's and libvirt's disk naming.
-fn drive_letters(mut i: usize) -> String {
-    let mut s = Vec::new();
-    loop {
-        s.push(b'a' + (i % 26) as u8);
-        if i < 26 {
-            break;
-        }
-        i = i / 26 - 1;
-    }
-    s.reverse();
-    String::from_utf8(s).unwrap_or_default()
 }
 
 // ---- XML reading --------------------------------------------------------------
@@ -768,30 +741,12 @@ mod tests {
     }
 
     #[test]
-    fn targets_fill_the_first_gap() {
-        let used = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let v = DiskBus::Virtio;
-        assert_eq!(next_free_target(&used(&[]), v), "vda");
-        assert_eq!(next_free_target(&used(&["vda", "vdb", "sda"]), v), "vdc");
-        assert_eq!(next_free_target(&used(&["vda", "vdc"]), v), "vdb");
-        assert_eq!(
-            next_free_target(&used(&["vda", "vdb", "sda"]), DiskBus::Scsi),
-            "sdb"
-        );
-        let all: Vec<String> = (0..26).map(|i| format!("vd{}", drive_letters(i))).collect();
-        assert_eq!(all[25], "vdz");
-        assert_eq!(next_free_target(&all, v), "vdaa");
-        assert_eq!(drive_letters(27), "ab");
-        assert_eq!(drive_letters(26 * 27), "aaa");
-    }
-
-    #[test]
     fn device_xml_round_trips() {
         let defaults = DiskOptions::default();
         let xml = disk_device_xml("/p/disk-1", DiskFormat::Raw, "vdc", "disk-1", &defaults);
         assert!(xml.contains("cache='none' discard='unmap'"), "{xml}");
         let scsi = DiskOptions {
-            bus: DiskBus::Scsi,
+            bus: crate::vm_spec::DiskBus::Scsi,
             cache: Some("writeback".into()),
             ..defaults.clone()
         };

@@ -11,10 +11,13 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+use super::disk::disk_device_xml;
 use super::Libvirt;
 use crate::config::Config;
 use crate::error::{CpiError, Result};
-use crate::host::{DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts};
+use crate::host::{
+    DiskAttachment, DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts,
+};
 
 /// Opens the connection of `cell` unless it is open.
 pub fn connect<'c>(cell: &'c OnceCell<Libvirt>, uri: &str) -> Result<&'c Libvirt> {
@@ -151,6 +154,10 @@ impl DiskHost for LibvirtDisks<'_> {
         lv.has_valid_marker(pool, volume)
     }
 
+    fn vm_exists(&self, vm_cid: &str) -> Result<bool> {
+        Ok(self.libvirt()?.find_domain(vm_cid)?.is_some())
+    }
+
     fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>> {
         let lv = self.libvirt()?;
         match lv.find_domain(vm_cid)? {
@@ -182,5 +189,48 @@ impl DiskHost for LibvirtDisks<'_> {
             .volume_path(&self.existing(dest, "copying into")?, dest)?;
         self.libvirt()?
             .live_block_copy(&domain, vm_cid, target, &path, stall_timeout)
+    }
+
+    fn attach_disk_device(
+        &self,
+        vm_cid: &str,
+        d: &DiskAttachment,
+        live: bool,
+        config: bool,
+    ) -> Result<()> {
+        let xml = disk_device_xml(d.path, d.format, d.target, d.serial, d.options);
+        let domain = self.domain(vm_cid)?;
+        self.libvirt()?
+            .attach_disk_device(&domain, vm_cid, &xml, live, config)
+    }
+
+    fn detach_disk_live(
+        &self,
+        vm_cid: &str,
+        dev: &DiskDevice,
+        r: &DiskRef,
+        timeout: Duration,
+    ) -> Result<()> {
+        let domain = self.domain(vm_cid)?;
+        self.libvirt()?
+            .detach_disk_live(&domain, vm_cid, dev, r, timeout)
+    }
+
+    fn detach_disk_config(&self, vm_cid: &str, dev: &DiskDevice) -> Result<()> {
+        let domain = self.domain(vm_cid)?;
+        self.libvirt()?.detach_disk_config(&domain, vm_cid, dev)
+    }
+
+    fn remove_orphan_block_nodes(
+        &self,
+        vm_cid: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>> {
+        let domain = self.domain(vm_cid)?;
+        let orphans = self
+            .libvirt()?
+            .remove_orphan_block_nodes(&domain, vm_cid, path, timeout)?;
+        Ok((!orphans.is_empty()).then(|| orphans.to_string()))
     }
 }

@@ -205,6 +205,12 @@ fn the_front_executable_does_not_load_libvirt() {
         !needed.iter().any(|n| n.contains("libvirt")),
         "cpi links libvirt: {needed:?}"
     );
+    // The same reading finds libvirt where it is linked.
+    let worker = elf_needed(&std::fs::read(env!("CARGO_BIN_EXE_cpi-libvirt")).unwrap());
+    assert!(
+        worker.iter().any(|n| n.starts_with("libvirt.so")),
+        "cpi-libvirt: {worker:?}"
+    );
 }
 
 /// The DT_NEEDED entries of a little-endian ELF64 executable, what

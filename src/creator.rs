@@ -125,7 +125,13 @@ mod tests {
         let me = Creator::this_process().expect("Linux /proc");
         assert_eq!(me.liveness(), Liveness::Alive);
         assert_eq!(Creator::parse(&me.to_string()), Some(me.clone()));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // A pid that has just exited: this test executable run again, only
+        // to list its tests (no program from outside the build).
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--list")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let pid = child.id();
         child.wait().unwrap();
         let dead = Creator {

@@ -694,11 +694,14 @@ fn json_shape_and_exit_statuses() {
         &["check", "--colour", "x.json"],
         &["check", "--static", "nope", "x.json"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cpi"))
+        let child = Command::new(env!("CARGO_BIN_EXE_cpi"))
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let out = wait_with_timeout(child, CPI_CALL_TIMEOUT);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
         assert!(

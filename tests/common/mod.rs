@@ -139,10 +139,15 @@ impl Drop for PrivatePool {
 }
 
 /// Brings the test bed up once per test binary (`ci/testbed up` is idempotent
-/// and fast when it is already up) and builds the test stemcells.
+/// and fast when it is already up) and builds the test stemcells. Only for
+/// the real tier (Cargo.toml): a test of the hermetic tier that reaches here
+/// fails instead of installing packages and starting daemons.
 pub fn testbed() -> &'static Testbed {
     static TB: OnceLock<Testbed> = OnceLock::new();
     TB.get_or_init(|| {
+        if !cfg!(feature = "real-host") {
+            panic!("testbed() needs the real tier: run with --features real-host (see Cargo.toml)");
+        }
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         for script in ["ci/testbed", "ci/build-test-stemcells"] {
             let mut cmd = Command::new(root.join(script));
@@ -301,7 +306,10 @@ pub struct CpiRun {
 pub fn run_cpi_raw(config: Option<&Path>, stdin: &[u8]) -> CpiRun {
     let restarts = libvirtd_restarts();
     let run = run_cpi_once(config, stdin);
-    if lost_libvirtd(&run.response) && (recover_libvirtd() || libvirtd_restarts() != restarts) {
+    if cfg!(feature = "real-host")
+        && lost_libvirtd(&run.response)
+        && (recover_libvirtd() || libvirtd_restarts() != restarts)
+    {
         // What the director does with a retryable error, once libvirtd is back.
         eprintln!("repeating the call after the test bed's libvirtd was restarted");
         return run_cpi_once(config, stdin);

@@ -45,6 +45,16 @@ fn attach_to_a_shut_off_vm_changes_its_definition_and_records_the_holder() {
     assert!(vm.live.is_empty());
     assert_eq!(host.json(&holder_name(&d)).unwrap(), json!({ "vm": VM }));
     assert!(!host.exists(&lock_name(&d)));
+    // The record names the VM before the device is there (a kill in between
+    // leaves a record that only costs a lookup, never an unrecorded holder).
+    let calls = host.calls();
+    let recorded = calls
+        .iter()
+        .position(|c| *c == format!("write_json {}", holder_name(&d)));
+    let attached = calls
+        .iter()
+        .position(|c| c.starts_with("attach_disk_device"));
+    assert!(recorded.is_some() && recorded < attached, "{calls:?}");
 }
 
 #[test]

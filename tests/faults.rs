@@ -294,6 +294,18 @@ impl Row {
         }
     }
 
+    /// Starts `method` and kills it at the next of the moments `at`; counts
+    /// the kill, and the call as finished when it answered first. The
+    /// answer, if any.
+    fn kill(&mut self, host: &Host, at: &mut Moments, method: &str, args: Value) -> Option<Value> {
+        let r = host.kill_after(method, args, at.next());
+        self.kills += 1;
+        if r.is_some() {
+            self.finished += 1;
+        }
+        r
+    }
+
     fn leak(&mut self, what: String) {
         eprintln!("{}: LEAK {what}", self.method);
         self.leaks.push(what);
@@ -437,10 +449,8 @@ fn killed_create(
     let mut known = BTreeSet::from([first.as_str().unwrap().to_string()]);
     let mut at = Moments::new(full);
     for _ in 0..KILLS {
-        let r = host.kill_after(method, args(), at.next());
-        row.kills += 1;
+        let r = row.kill(host, &mut at, method, args());
         if let Some(cid) = r.as_ref().and_then(|r| r["result"].as_str()) {
-            row.finished += 1;
             known.insert(cid.to_string());
         }
         let retry = ok(&host.config, method, args());
@@ -477,11 +487,7 @@ fn killed_delete(host: &Host, method: &'static str, make: impl Fn(u64) -> String
     let mut at = Moments::new(full);
     for i in 0..KILLS {
         let cid = make(i as u64);
-        let r = host.kill_after(method, json!([cid]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(host, &mut at, method, json!([cid]));
         ok(&host.config, method, json!([cid]));
         let left = host.volumes();
         if !left.is_empty() {
@@ -530,11 +536,7 @@ fn killed_delete_stemcell_in_use() {
     let mut at = Moments::new(start.elapsed());
     let expected = BTreeSet::from([sc.clone(), format!("{sc}.meta"), overlay.clone()]);
     for i in 0..KILLS {
-        let r = host.kill_after("delete_stemcell", json!([sc]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(&host, &mut at, "delete_stemcell", json!([sc]));
         let (kind, msg) = err(&host.config, "delete_stemcell", json!([sc]));
         if kind != "CloudError" || !msg.contains(overlay.trim_end_matches("-root")) {
             row.leak(format!("kill {i}: the retry answered {kind}: {msg}"));
@@ -639,11 +641,7 @@ fn killed_set_disk_metadata() {
     let expected = BTreeSet::from([d.clone(), format!("{d}.meta"), format!("{d}.tags")]);
     let mut at = Moments::new(full);
     for i in 0..KILLS {
-        let r = host.kill_after("set_disk_metadata", md(format!("kill-{i}")), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(&host, &mut at, "set_disk_metadata", md(format!("kill-{i}")));
         ok(&host.config, "set_disk_metadata", md(format!("retry-{i}")));
         let tags = host.record(&format!("{d}.tags"));
         let round = tags.as_ref().map(|t| t["metadata"]["round"].clone());
@@ -689,11 +687,7 @@ fn killed_resize_disk() {
     let mut at = Moments::new(full);
     for i in 0..KILLS {
         let size = DISK_MIB + 2 + i;
-        let r = host.kill_after("resize_disk", json!([d, size]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(&host, &mut at, "resize_disk", json!([d, size]));
         ok(&host.config, "resize_disk", json!([d, size]));
         let content = host.qcow2_content(&d);
         if content.len() != size * MIB {
@@ -745,10 +739,8 @@ fn snapshot_kills(
     let mut known = BTreeSet::from([first.as_str().unwrap().to_string()]);
     let mut at = Moments::new(full);
     for i in 0..kills {
-        let r = host.kill_after("snapshot_disk", json!([disk, {}]), at.next());
-        row.kills += 1;
+        let r = row.kill(host, &mut at, "snapshot_disk", json!([disk, {}]));
         if let Some(cid) = r.as_ref().and_then(|r| r["result"].as_str()) {
-            row.finished += 1;
             known.insert(cid.to_string());
         }
         // A kill mid live copy leaves QEMU copying: until the copy is in
@@ -822,11 +814,7 @@ fn killed_delete_snapshot() {
     let mut at = Moments::new(full);
     for i in 0..KILLS {
         let s = ok(&host.config, "snapshot_disk", json!([d, {}]));
-        let r = host.kill_after("delete_snapshot", json!([s]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(&host, &mut at, "delete_snapshot", json!([s]));
         ok(&host.config, "delete_snapshot", json!([s]));
         let vols = host.volumes();
         if vols != expected {
@@ -926,11 +914,7 @@ fn killed_delete_vm() {
         let ip = ip_of(i);
         let vm = vh.vm(&format!("agent-faults-dvm-{i}"), Some(&ip));
         ok(&host.config, "attach_disk", json!([vm, d]));
-        let r = host.kill_after("delete_vm", json!([vm]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(host, &mut at, "delete_vm", json!([vm]));
         ok(&host.config, "delete_vm", json!([vm]));
         if vh.domain_exists(&vm) {
             row.leak(format!("kill {i}: domain {vm} left"));
@@ -976,11 +960,7 @@ fn killed_set_vm_metadata() {
     let before = host.volumes();
     let mut at = Moments::new(full);
     for i in 0..KILLS {
-        let r = host.kill_after("set_vm_metadata", md(format!("kill-{i}")), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(host, &mut at, "set_vm_metadata", md(format!("kill-{i}")));
         ok(&host.config, "set_vm_metadata", md(format!("retry-{i}")));
         for inactive in [false, true] {
             let xml = vh.xml(&vm, inactive);
@@ -1024,11 +1004,7 @@ fn killed_attach_disk() {
     attached.insert(format!("{d}.holder"));
     let mut at = Moments::new(full);
     for i in 0..KILLS {
-        let r = host.kill_after("attach_disk", json!([vm, d]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(host, &mut at, "attach_disk", json!([vm, d]));
         ok(&host.config, "attach_disk", json!([vm, d]));
         let (live, config) = (vh.xml(&vm, false), vh.xml(&vm, true));
         let counts = (serial_count(&live, &d), serial_count(&config, &d));
@@ -1071,11 +1047,7 @@ fn killed_detach_disk() {
     let mut at = Moments::new(full);
     for i in 0..KILLS {
         ok(&host.config, "attach_disk", json!([vm, d]));
-        let r = host.kill_after("detach_disk", json!([vm, d]), at.next());
-        row.kills += 1;
-        if r.is_some() {
-            row.finished += 1;
-        }
+        row.kill(host, &mut at, "detach_disk", json!([vm, d]));
         let retry = call(&host.config, "detach_disk", json!([vm, d]));
         let kind = retry["error"]["type"].as_str().unwrap_or("");
         if !retry["error"].is_null() && kind != "Bosh::Clouds::DiskNotAttached" {

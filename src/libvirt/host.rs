@@ -43,14 +43,13 @@ impl<'a> LibvirtDisks<'a> {
         }
     }
 
-    /// The connection, for what the seam does not cover yet (hot-plug,
-    /// block copies).
-    pub fn libvirt(&self) -> Result<&'a Libvirt> {
+    /// The connection, opened on first use.
+    fn libvirt(&self) -> Result<&'a Libvirt> {
         connect(self.conn, &self.config.libvirt_uri())
     }
 
     /// The pool, opened (and created when the config allows) on first use.
-    pub fn pool(&self) -> Result<&StoragePool> {
+    fn pool(&self) -> Result<&StoragePool> {
         if let Some(pool) = self.pool.get() {
             return Ok(pool);
         }
@@ -184,11 +183,9 @@ impl DiskHost for LibvirtDisks<'_> {
         stall_timeout: Duration,
     ) -> Result<()> {
         let domain = self.domain(vm_cid)?;
-        let path = self
-            .libvirt()?
-            .volume_path(&self.existing(dest, "copying into")?, dest)?;
-        self.libvirt()?
-            .live_block_copy(&domain, vm_cid, target, &path, stall_timeout)
+        let lv = self.libvirt()?;
+        let path = lv.volume_path(&self.existing(dest, "copying into")?, dest)?;
+        lv.live_block_copy(&domain, vm_cid, target, &path, stall_timeout)
     }
 
     fn attach_disk_device(

@@ -535,13 +535,28 @@ fn a_missing_network_is_judged_by_what_the_cpi_would_do_and_not_created() {
     );
     assert_eq!(code, 0, "{report:#}");
 
+    // Another network on that subnet (defined, not started: the CPI's
+    // define would clash with it all the same). Made here, as on a fresh
+    // machine nothing has made the test bed's own network yet.
+    let other = unique("net-other");
+    let xml = std::env::temp_dir().join(format!("{other}.xml"));
+    std::fs::write(
+        &xml,
+        format!(
+            "<network><name>{other}</name><ip address='10.254.{octet}.1' netmask='255.255.255.0'/></network>"
+        ),
+    )
+    .unwrap();
+    assert!(virsh_finds(&["net-define", xml.to_str().unwrap()]));
     let config = tb.config_with(
         "net-clash",
-        json!({"network": {"name": name, "subnet": "10.253.77.0/24"}}),
+        json!({"network": {"name": name, "subnet": format!("10.254.{octet}.0/24")}}),
     );
     let (code, report) = check(&config, &[]);
-    assert_eq!(code, 1);
-    expect(&report, "network", "error", "cpi-testbed-net");
+    assert!(virsh_finds(&["net-undefine", &other]));
+    let _ = std::fs::remove_file(&xml);
+    assert_eq!(code, 1, "{report:#}");
+    expect(&report, "network", "error", &other);
 
     assert!(
         !virsh_finds(&["net-info", &name]),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::disk_record::{find_disk, recorded_format, recorded_options, Disk};
+use super::disk_record::{disk_record, find_disk, format_in, options_in, Disk};
 use super::holder::{self, attached_elsewhere};
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::host::{next_free_target, DiskAttachment, DiskFormat, DiskHost, DiskRef};
@@ -30,8 +30,9 @@ pub fn attach_disk(
         return Err(CpiError::vm_not_found(vm_cid));
     }
     let disk = find_disk(host, disk_cid)?.ok_or_else(|| CpiError::disk_not_found(disk_cid))?;
-    let format = recorded_format(host, log, &disk)?;
-    let (options, tracked) = recorded_options(host, disk_cid)?;
+    let record = disk_record(host, disk_cid)?;
+    let format = format_in(record.as_ref(), log, &disk)?;
+    let (options, tracked) = options_in(record.as_ref(), disk_cid)?;
     let target = holder::with_lock(host, log, disk_cid, |log| {
         attach_locked(host, log, vm_cid, &disk, format, &options, tracked)
     })?;

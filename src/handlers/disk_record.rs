@@ -39,17 +39,32 @@ pub(super) fn find_disk(host: &dyn DiskHost, disk_cid: &str) -> Result<Option<Di
     }))
 }
 
-/// The format the disk was created with, from its `.meta` record. Without a
-/// record only a volume that libvirt probes as raw is usable (as raw): a
-/// qcow2 header in a disk without a record may have been written by a guest
-/// into a raw disk, and reading it as qcow2 could expose host files.
+/// The disk's `.meta` record, written once by create_disk (`None`: a disk
+/// without one). A call that needs several of its facts reads it once.
+pub(super) fn disk_record(host: &dyn DiskHost, disk_cid: &str) -> Result<Option<DiskRecord>> {
+    host.read_record(&marker_name(disk_cid))
+}
+
+/// The format the disk was created with, from its `.meta` record.
 pub(super) fn recorded_format(
     host: &dyn DiskHost,
     log: &mut Logger,
     disk: &Disk,
 ) -> Result<DiskFormat> {
+    format_in(disk_record(host, &disk.cid)?.as_ref(), log, disk)
+}
+
+/// The format `record` (the disk's `.meta` record) gives. Without a record
+/// only a volume that libvirt probes as raw is usable (as raw): a qcow2
+/// header in a disk without a record may have been written by a guest into
+/// a raw disk, and reading it as qcow2 could expose host files.
+pub(super) fn format_in(
+    record: Option<&DiskRecord>,
+    log: &mut Logger,
+    disk: &Disk,
+) -> Result<DiskFormat> {
     let meta = marker_name(&disk.cid);
-    match host.read_record::<DiskRecord>(&meta)? {
+    match record {
         Some(record) => record
             .format
             .as_deref()
@@ -105,11 +120,14 @@ pub(super) fn checked_format(
 }
 
 /// The bus and cache/io/discard options create_disk recorded with the disk
-/// (an older CPI's record has none: the defaults), and whether its holder is
-/// recorded (see `holder`).
-pub(super) fn recorded_options(host: &dyn DiskHost, disk_cid: &str) -> Result<(DiskOptions, bool)> {
+/// in `record` (an older CPI's record has none: the defaults), and whether
+/// its holder is recorded (see `holder`).
+pub(super) fn options_in(
+    record: Option<&DiskRecord>,
+    disk_cid: &str,
+) -> Result<(DiskOptions, bool)> {
     let meta = marker_name(disk_cid);
-    match host.read_record::<DiskRecord>(&meta)? {
+    match record {
         Some(r) => r
             .options()
             .map(|o| (o, r.holder_record))

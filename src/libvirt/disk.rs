@@ -153,6 +153,22 @@ fn disk_device(el: &Element) -> DiskDevice {
     d
 }
 
+/// Whether a domain XML document's root carries an `id`: libvirt writes one
+/// for an active domain only (`<domain type='qemu' id='3'>`; shut off, or
+/// asked for the inactive definition, it has none).
+fn has_domain_id(xml: &str) -> std::result::Result<bool, String> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    loop {
+        match reader.read_event().map_err(|e| e.to_string())? {
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                return Ok(e.attributes().flatten().any(|a| a.key.as_ref() == b"id"));
+            }
+            quick_xml::events::Event::Eof => return Err("no root element".into()),
+            _ => {}
+        }
+    }
+}
+
 // ---- libvirt operations ---------------------------------------------------------
 
 impl Libvirt {
@@ -184,7 +200,12 @@ impl Libvirt {
                 Err(e) => (self.find_volume(pool, name)?.ok_or(e)?, false),
             },
         };
-        let capacity = self.volume_facts(&vol, name)?.capacity;
+        // A volume made just now has the size asked for.
+        let capacity = if created {
+            size as u64
+        } else {
+            self.volume_capacity(&vol, name)?
+        };
         if capacity < size as u64 {
             self.resize_volume(&vol, name, size as u64)?;
         } else {
@@ -251,7 +272,7 @@ impl Libvirt {
         let Some(vol) = self.find_volume(pool, name)? else {
             return Ok(None);
         };
-        let capacity = self.volume_facts(&vol, name)?.capacity;
+        let capacity = self.volume_capacity(&vol, name)?;
         if capacity > SIDECAR_MAX_BYTES {
             return Err(CpiError::cloud(format!(
                 "reading volume {name}: {capacity} bytes is more than a sidecar may hold ({SIDECAR_MAX_BYTES})"
@@ -271,31 +292,28 @@ impl Libvirt {
         DomainDisks::parse(name, running, live.as_deref(), &config).map(Some)
     }
 
-    /// (running, live XML while running, persistent XML).
+    /// (running, live XML while running, persistent XML): one round trip
+    /// for a domain that is shut off, two for one that runs.
     #[allow(clippy::type_complexity)]
     fn domain_xmls(
         &self,
         domain: &Domain,
         name: &str,
     ) -> Result<Option<(bool, Option<String>, String)>> {
-        let Some(running) = not_found_as_none(
-            domain.is_active(),
-            format!("reading the state of domain {name}"),
+        let Some(current) = not_found_as_none(
+            domain.xml_desc(0),
+            format!("reading the XML of domain {name}"),
         )?
         else {
             return Ok(None);
         };
-        let live = if running {
-            match not_found_as_none(
-                domain.xml_desc(0),
-                format!("reading the live XML of domain {name}"),
-            )? {
-                Some(xml) => Some(xml),
-                None => return Ok(None),
-            }
-        } else {
-            None
-        };
+        // An active (running or paused) domain's XML carries its id; a shut
+        // off one's is its persistent definition.
+        if !has_domain_id(&current)
+            .map_err(|e| CpiError::cloud(format!("parsing the XML of domain {name}: {e}")))?
+        {
+            return Ok(Some((false, None, current)));
+        }
         let Some(config) = not_found_as_none(
             domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE),
             format!("reading the persistent XML of domain {name}"),
@@ -303,7 +321,7 @@ impl Libvirt {
         else {
             return Ok(None);
         };
-        Ok(Some((running, live, config)))
+        Ok(Some((true, Some(current), config)))
     }
 
     /// Every domain (running or not, ours or not) whose live or persistent

@@ -3,7 +3,7 @@
 //! Thin: every method is one of `Libvirt`'s, with the pool and a volume
 //! handle looked up by name.
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -32,6 +32,9 @@ pub struct LibvirtDisks<'a> {
     conn: &'a OnceCell<Libvirt>,
     config: &'a Config,
     pool: OnceCell<StoragePool>,
+    /// Domains found during this call, by name: a VM is looked up once per
+    /// call, however many of its operations follow.
+    domains: RefCell<Vec<(String, Domain)>>,
 }
 
 impl<'a> LibvirtDisks<'a> {
@@ -40,6 +43,7 @@ impl<'a> LibvirtDisks<'a> {
             conn,
             config,
             pool: OnceCell::new(),
+            domains: RefCell::new(Vec::new()),
         }
     }
 
@@ -61,9 +65,22 @@ impl<'a> LibvirtDisks<'a> {
         Ok((self.libvirt()?, self.pool()?))
     }
 
+    /// The domain of that name, looked up on first use in this call.
+    fn find_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
+        if let Some((_, d)) = self.domains.borrow().iter().find(|(n, _)| n == vm_cid) {
+            return Ok(Some(d.clone()));
+        }
+        let found = self.libvirt()?.find_domain(vm_cid)?;
+        if let Some(d) = &found {
+            self.domains
+                .borrow_mut()
+                .push((vm_cid.to_string(), d.clone()));
+        }
+        Ok(found)
+    }
+
     fn domain(&self, vm_cid: &str) -> Result<Domain> {
-        self.libvirt()?
-            .find_domain(vm_cid)?
+        self.find_domain(vm_cid)?
             .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))
     }
 
@@ -92,7 +109,7 @@ impl DiskHost for LibvirtDisks<'_> {
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>> {
         let (lv, pool) = self.parts()?;
         lv.find_volume(pool, name)?
-            .map(|v| lv.volume_facts(&v, name))
+            .map(|v| lv.volume_xml_facts(&v, name))
             .transpose()
     }
 
@@ -154,13 +171,12 @@ impl DiskHost for LibvirtDisks<'_> {
     }
 
     fn vm_exists(&self, vm_cid: &str) -> Result<bool> {
-        Ok(self.libvirt()?.find_domain(vm_cid)?.is_some())
+        Ok(self.find_domain(vm_cid)?.is_some())
     }
 
     fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>> {
-        let lv = self.libvirt()?;
-        match lv.find_domain(vm_cid)? {
-            Some(domain) => lv.domain_disks(&domain, vm_cid),
+        match self.find_domain(vm_cid)? {
+            Some(domain) => self.libvirt()?.domain_disks(&domain, vm_cid),
             None => Ok(None),
         }
     }

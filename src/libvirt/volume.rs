@@ -90,11 +90,7 @@ impl Libvirt {
     /// Format, sizes, backing store and mtime, freshly read from the file
     /// (libvirt refreshes a volume's facts when its XML is asked for).
     pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let xml = vol
-            .xml_desc(0)
-            .map_err(|e| lv_error(format!("reading the XML of volume {name}"), e))?;
-        let mut facts = parse_volume_xml(&xml)
-            .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))?;
+        let mut facts = self.volume_xml_facts(vol, name)?;
         let info = vol
             .info()
             .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))?;
@@ -104,6 +100,24 @@ impl Libvirt {
             .map_err(|e| lv_error(format!("reading the file size of volume {name}"), e))?;
         facts.physical = physical.allocation;
         Ok(facts)
+    }
+
+    /// What the volume's XML says, freshly read (one round trip): path,
+    /// format, capacity, backing store, mtime; `allocation` and `physical`
+    /// stay 0 (each is one more round trip, see `volume_facts`).
+    pub fn volume_xml_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
+        let xml = vol
+            .xml_desc(0)
+            .map_err(|e| lv_error(format!("reading the XML of volume {name}"), e))?;
+        parse_volume_xml(&xml)
+            .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))
+    }
+
+    /// The volume's size in bytes (one round trip; libvirt refreshes it first).
+    pub fn volume_capacity(&self, vol: &StorageVol, name: &str) -> Result<u64> {
+        vol.info()
+            .map(|i| i.capacity)
+            .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))
     }
 
     /// Whether the file of volume `name` has not changed for more than

@@ -14,7 +14,7 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
 use super::xmltree::Element;
-use super::{is_not_found, lv_error, xml_escape, Libvirt};
+use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, ErrorKind, Result};
 pub use crate::image::DiskFormat;
 use crate::names;
@@ -90,7 +90,9 @@ impl Libvirt {
     /// Format, sizes, backing store and mtime, freshly read from the file
     /// (libvirt refreshes a volume's facts when its XML is asked for).
     pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let mut facts = self.volume_xml_facts(vol, name)?;
+        let mut facts = self.xml_facts(vol, name)?.ok_or_else(|| {
+            CpiError::cloud(format!("reading the XML of volume {name}: it was deleted"))
+        })?;
         let info = vol
             .info()
             .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))?;
@@ -102,14 +104,26 @@ impl Libvirt {
         Ok(facts)
     }
 
-    /// What the volume's XML says, freshly read (one round trip): path,
-    /// format, capacity, backing store, mtime; `allocation` and `physical`
-    /// stay 0 (each is one more round trip, see `volume_facts`).
-    pub fn volume_xml_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let xml = vol
-            .xml_desc(0)
-            .map_err(|e| lv_error(format!("reading the XML of volume {name}"), e))?;
+    /// What the XML of volume `name` says, freshly read (a lookup and one
+    /// more round trip): path, format, capacity, backing store, mtime;
+    /// `allocation` and `physical` stay 0 (each is one more round trip, see
+    /// `volume_facts`). `None` when there is no such volume, also when it is
+    /// deleted between the two (a disk's lock being released).
+    pub fn volume_xml_facts(&self, pool: &StoragePool, name: &str) -> Result<Option<VolumeFacts>> {
+        let Some(vol) = self.find_volume(pool, name)? else {
+            return Ok(None);
+        };
+        self.xml_facts(&vol, name)
+    }
+
+    /// The facts in `vol`'s XML; `None` when it is gone.
+    fn xml_facts(&self, vol: &StorageVol, name: &str) -> Result<Option<VolumeFacts>> {
+        let doing = format!("reading the XML of volume {name}");
+        let Some(xml) = not_found_as_none(vol.xml_desc(0), doing)? else {
+            return Ok(None);
+        };
         parse_volume_xml(&xml)
+            .map(Some)
             .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))
     }
 

@@ -271,3 +271,21 @@ fn detach_first_ends_a_copy_nobody_watches() {
     let unplugged = calls.iter().position(|c| c.starts_with("detach_disk_live"));
     assert!(ended.is_some() && ended < unplugged, "{calls:?}");
 }
+
+#[test]
+fn attach_reads_the_disk_record_once() {
+    let host = FakeHost::new();
+    let d = disk(&host, json!({}));
+    host.put_vm(VM, true, vec![FakeHost::disk_device("", "vda")]);
+    let before = host.calls().len();
+    attach(&host, VM, &d).unwrap();
+    let calls = &host.calls()[before..];
+    let count = |call: &str| calls.iter().filter(|c| *c == call).count();
+    // Format, options and whether the holder is recorded all come from it;
+    // every read of a record is a lookup, a size and a download on libvirt.
+    assert_eq!(
+        count(&format!("read_json {}", names::marker_name(&d))),
+        1,
+        "{calls:?}"
+    );
+}

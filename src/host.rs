@@ -12,6 +12,7 @@
 
 #[cfg(test)]
 pub mod fake;
+mod stemcells;
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::error::{CpiError, Result};
 pub use crate::image::DiskFormat;
 use crate::names::marker_name;
 use crate::vm_spec::{DiskBus, DiskOptions};
+pub use stemcells::{StemcellHost, VolumeUpload};
 
 pub const MIB: u64 = 1 << 20;
 

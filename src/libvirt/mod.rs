@@ -12,6 +12,7 @@ pub mod network;
 pub mod orphan_nodes;
 pub mod pool;
 pub mod stemcell;
+mod stemcell_host;
 pub mod upload;
 pub mod volume;
 pub mod xmltree;

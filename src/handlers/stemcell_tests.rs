@@ -278,6 +278,11 @@ fn delete_of_a_stemcell_a_vm_boots_from_is_refused_and_keeps_it_whole() {
     );
     assert!(host.exists(&cid));
     assert_eq!(host.json(&marker_name(&cid)), Some(marker));
+    assert!(
+        !host.calls().iter().any(|c| c.starts_with("delete_volume")),
+        "the marker was never touched: {:?}",
+        host.calls()
+    );
 }
 
 #[test]

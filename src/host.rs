@@ -10,6 +10,7 @@
 //! "Not found" is a value here (`Option`, `false`), never an error: the
 //! handlers decide which BOSH error a situation becomes.
 
+pub mod facts;
 #[cfg(test)]
 pub mod fake;
 mod stemcells;

@@ -8,6 +8,7 @@
 pub mod disk;
 pub mod domain;
 pub mod host;
+pub mod inspect;
 pub mod network;
 pub mod orphan_nodes;
 pub mod pool;

@@ -36,7 +36,7 @@ const DEPTH: usize = 8;
 /// this many bytes of data, and must leave `SPACE_MARGIN` to spare: an upload
 /// that hits ENOSPC kills libvirtd 11.3 (double free), and small writes into a
 /// full pool are confirmed as if they had landed.
-pub(super) const SPACE_STEP: u64 = 128 * MIB;
+const SPACE_STEP: u64 = 128 * MIB;
 pub(super) const SPACE_MARGIN: u64 = 8 * MIB;
 
 pub fn create_stemcell(

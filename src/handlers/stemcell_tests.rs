@@ -211,6 +211,23 @@ fn an_upload_the_host_does_not_confirm_is_undone() {
 }
 
 #[test]
+fn an_import_the_host_cannot_verify_is_undone_and_gets_no_marker() {
+    let host = FakeHost::new();
+    let image = Image::raw();
+    // The first read of the new volume is the sweep's clock, the second the check.
+    host.fail_next("volume", CpiError::cloud("no clock"));
+    host.fail_next("volume", CpiError::cloud("volume XML unreadable"));
+    let e = create(&host, &image, json!({})).unwrap_err();
+    assert!(
+        e.message.starts_with("verifying volume sc-")
+            && e.message.ends_with("volume XML unreadable"),
+        "{}",
+        e.message
+    );
+    assert!(host.names().is_empty(), "{:?}", host.names());
+}
+
+#[test]
 fn a_marker_that_does_not_read_back_undoes_the_import_as_no_disk_space() {
     let host = FakeHost::new();
     let image = Image::raw();

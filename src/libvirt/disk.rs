@@ -748,6 +748,17 @@ mod tests {
     }
 
     #[test]
+    fn only_an_active_domains_xml_carries_an_id() {
+        assert_eq!(has_domain_id(LIVE), Ok(true));
+        let inactive = LIVE.replace(" id='3'", "");
+        assert_eq!(has_domain_id(&inactive), Ok(false));
+        // Only the root's own attributes count.
+        let nested = "<domain type='qemu'><devices><disk id='1'/></devices></domain>";
+        assert_eq!(has_domain_id(nested), Ok(false));
+        assert!(has_domain_id("").is_err());
+    }
+
+    #[test]
     fn escaped_serials_and_bad_xml() {
         let xml = "<domain><devices><disk type='file' device='disk'><target dev='vdb'/>\
                    <serial>a&amp;b</serial></disk></devices></domain>";

@@ -175,7 +175,6 @@ pub trait DiskHost {
     /// Whether there is a volume of that name (one lookup, no facts).
     fn volume_exists(&self, name: &str) -> Result<bool>;
     /// The volume's facts, freshly read; `None` when there is no such volume.
-    /// `allocation` and `physical` are not read (0): no disk call needs them.
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>>;
     /// Names of the pool's volumes that start with `prefix` (all of them,
     /// however many).

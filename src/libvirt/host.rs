@@ -108,7 +108,7 @@ impl DiskHost for LibvirtDisks<'_> {
 
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>> {
         let (lv, pool) = self.parts()?;
-        lv.volume_xml_facts(pool, name)
+        lv.find_volume_facts(pool, name)
     }
 
     fn volume_names_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {

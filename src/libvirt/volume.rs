@@ -88,28 +88,19 @@ impl Libvirt {
     }
 
     /// Format, sizes, backing store and mtime, freshly read from the file
-    /// (libvirt refreshes a volume's facts when its XML is asked for).
+    /// (libvirt refreshes a volume's facts when its XML is asked for; the
+    /// XML holds the same allocation and file size as virStorageVolGetInfo
+    /// and its VIR_STORAGE_VOL_GET_PHYSICAL variant): one round trip.
     pub fn volume_facts(&self, vol: &StorageVol, name: &str) -> Result<VolumeFacts> {
-        let mut facts = self.xml_facts(vol, name)?.ok_or_else(|| {
+        self.xml_facts(vol, name)?.ok_or_else(|| {
             CpiError::cloud(format!("reading the XML of volume {name}: it was deleted"))
-        })?;
-        let info = vol
-            .info()
-            .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))?;
-        facts.allocation = info.allocation;
-        let physical = vol
-            .info_flags(virt::sys::VIR_STORAGE_VOL_GET_PHYSICAL)
-            .map_err(|e| lv_error(format!("reading the file size of volume {name}"), e))?;
-        facts.physical = physical.allocation;
-        Ok(facts)
+        })
     }
 
-    /// What the XML of volume `name` says, freshly read (a lookup and one
-    /// more round trip): path, format, capacity, backing store, mtime;
-    /// `allocation` and `physical` stay 0 (each is one more round trip, see
-    /// `volume_facts`). `None` when there is no such volume, also when it is
-    /// deleted between the two (a disk's lock being released).
-    pub fn volume_xml_facts(&self, pool: &StoragePool, name: &str) -> Result<Option<VolumeFacts>> {
+    /// The facts of volume `name` (a lookup and `volume_facts`); `None` when
+    /// there is no such volume, also when it is deleted between the two (a
+    /// disk's lock being released).
+    pub fn find_volume_facts(&self, pool: &StoragePool, name: &str) -> Result<Option<VolumeFacts>> {
         let Some(vol) = self.find_volume(pool, name)? else {
             return Ok(None);
         };
@@ -357,12 +348,14 @@ pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
     if root.name != "volume" {
         return Ok(VolumeFacts::default());
     }
-    let capacity = match root.text_at(&["capacity"]) {
+    // Sizes are in bytes (libvirt writes unit='bytes'); an absent one is 0.
+    let bytes = |name: &str| match root.text_at(&[name]) {
         Some(text) => text
-            .parse()
-            .map_err(|_| format!("capacity '{text}' is not a number"))?,
-        None => 0,
+            .parse::<u64>()
+            .map_err(|_| format!("{name} '{text}' is not a number")),
+        None => Ok(0),
     };
+    let capacity = bytes("capacity")?;
     Ok(VolumeFacts {
         path: root
             .text_at(&["target", "path"])
@@ -373,11 +366,12 @@ pub fn parse_volume_xml(xml: &str) -> std::result::Result<VolumeFacts, String> {
             .and_then(|f| f.attr("type"))
             .map(str::to_string),
         capacity,
+        allocation: bytes("allocation")?,
+        physical: bytes("physical")?,
         backing_path: root.text_at(&["backingStore", "path"]).map(str::to_string),
         mtime: root
             .text_at(&["target", "timestamps", "mtime"])
             .and_then(|t| t.parse().ok()),
-        ..Default::default()
     })
 }
 
@@ -387,13 +381,14 @@ mod tests {
 
     #[test]
     fn volume_xml_facts() {
-        let xml = "<volume type='file'>\n  <name>vm-1-root</name>\n  <capacity unit='bytes'>1073741824</capacity>\n  <allocation unit='bytes'>200704</allocation>\n  <target>\n    <path>/pool/vm-1-root</path>\n    <format type='qcow2'/>\n    <timestamps>\n      <atime>1795372300.888159534</atime>\n      <mtime>1795372300.924159532</mtime>\n    </timestamps>\n  </target>\n  <backingStore>\n    <path>/pool/sc-x</path>\n    <format type='qcow2'/>\n  </backingStore>\n</volume>\n";
+        let xml = "<volume type='file'>\n  <name>vm-1-root</name>\n  <capacity unit='bytes'>1073741824</capacity>\n  <allocation unit='bytes'>200704</allocation>\n  <physical unit='bytes'>196616</physical>\n  <target>\n    <path>/pool/vm-1-root</path>\n    <format type='qcow2'/>\n    <timestamps>\n      <atime>1795372300.888159534</atime>\n      <mtime>1795372300.924159532</mtime>\n    </timestamps>\n  </target>\n  <backingStore>\n    <path>/pool/sc-x</path>\n    <format type='qcow2'/>\n  </backingStore>\n</volume>\n";
         let f = parse_volume_xml(xml).unwrap();
         assert_eq!(f.path, "/pool/vm-1-root");
         assert_eq!(f.format.as_deref(), Some("qcow2"));
         assert_eq!(f.capacity, 1 << 30);
         assert_eq!(f.backing_path.as_deref(), Some("/pool/sc-x"));
         assert!((f.mtime.unwrap() - 1_795_372_300.924).abs() < 0.001);
+        assert_eq!((f.allocation, f.physical), (200704, 196616));
         let f = parse_volume_xml(
             "<volume><capacity>5</capacity><target><format type='raw'/></target></volume>",
         )

@@ -12,6 +12,8 @@
 
 #[cfg(test)]
 pub mod fake;
+mod vms;
+pub use vms::*;
 
 use std::time::Duration;
 

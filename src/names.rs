@@ -162,6 +162,10 @@ pub fn lock_name(disk_cid: &str) -> String {
     format!("{disk_cid}.lock")
 }
 
+/// The serial the ephemeral disk carries, so the agent finds it by a stable
+/// name on every bus (see `settings::ephemeral_path`).
+pub const EPHEMERAL_SERIAL: &str = "bosh-ephemeral";
+
 /// Namespace of the CPI's element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "urn:bosh-libvirt-cpi:vm:1";
 pub const METADATA_PREFIX: &str = "bosh";

@@ -17,6 +17,7 @@ mod sweep;
 mod vm;
 
 use std::cell::OnceCell;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -65,7 +66,7 @@ impl<'a> Call<'a> {
         Ok((lv, &mut *self.log, self.config))
     }
 
-    /// The disk host (connecting on first use) and the logger.
+    /// The host, for disks and VMs (connecting on first use), and the logger.
     pub fn disks(&mut self) -> (LibvirtDisks<'_>, &mut Logger) {
         (
             LibvirtDisks::new(&self.libvirt, self.config),
@@ -77,7 +78,7 @@ impl<'a> Call<'a> {
 pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
     match method {
         Method::Info => info::info(call.config),
-        Method::HasVm { vm_cid } => vm::has_vm(call, &vm_cid),
+        Method::HasVm { vm_cid } => vm::has_vm(&call.disks().0, &vm_cid),
         Method::CreateVm {
             agent_id,
             stemcell_cid,
@@ -85,20 +86,47 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             networks,
             disk_cids,
             env,
-        } => vm::create_vm(
-            call,
-            vm::CreateVm {
+        } => {
+            let v1 = call.request.wants_v1_shapes();
+            let stemcell_api = call
+                .request
+                .context
+                .get("vm")
+                .and_then(|v| v.pointer("/stemcell/api_version"))
+                .and_then(Value::as_u64);
+            let config = call.config;
+            let (host, log) = call.disks();
+            let args = vm::CreateVm {
                 agent_id: &agent_id,
                 stemcell_cid: &stemcell_cid,
                 cloud_properties: &cloud_properties,
                 networks: &networks,
                 disk_cids: &disk_cids,
                 env: &env,
-            },
-        ),
-        Method::DeleteVm { vm_cid } => vm::delete_vm(call, &vm_cid),
-        Method::RebootVm { vm_cid } => vm::reboot_vm(call, &vm_cid),
-        Method::SetVmMetadata { vm_cid, metadata } => vm::set_vm_metadata(call, &vm_cid, &metadata),
+                stemcell_api,
+            };
+            // v1 callers get the bare VM CID, not [cid, networks] (cpi-contract.md 1.4).
+            vm::create_vm(&host, log, config, args).map(|mut result| {
+                if v1 {
+                    result.get_mut(0).map(Value::take).unwrap_or_default()
+                } else {
+                    result
+                }
+            })
+        }
+        Method::DeleteVm { vm_cid } => {
+            let (host, log) = call.disks();
+            vm::delete_vm(&host, log, &vm_cid)
+        }
+        Method::RebootVm { vm_cid } => {
+            let grace = Duration::from_secs(call.config.reboot_grace_seconds);
+            let (host, log) = call.disks();
+            vm::reboot_vm(&host, log, &vm_cid, grace)
+        }
+        Method::SetVmMetadata { vm_cid, metadata } => {
+            let (host, log) = call.disks();
+            vm::set_vm_metadata(&host, log, &vm_cid, &metadata)
+        }
         Method::CalculateVmCloudProperties {
             cpu,
             ram_mib,

@@ -13,6 +13,7 @@ pub mod orphan_nodes;
 pub mod pool;
 pub mod stemcell;
 pub mod upload;
+pub mod vm_host;
 pub mod volume;
 pub mod xmltree;
 

@@ -31,10 +31,16 @@
 //! janitor.rs: leftovers of killed create_vm calls; ops.rs: the rest.
 
 mod create;
+#[cfg(test)]
+mod create_tests;
 mod delete;
+#[cfg(test)]
+mod delete_tests;
 mod janitor;
 mod ops;
 mod plan;
+#[cfg(test)]
+mod test_support;
 
 pub use create::{create_vm, CreateVm};
 pub use delete::delete_vm;

@@ -371,6 +371,28 @@ fn a_create_removes_never_started_vms_of_dead_creators_only() {
 }
 
 #[test]
+fn a_vm_whose_creator_ran_on_another_machine_is_removed_only_once_that_is_old() {
+    let host = fake();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let elsewhere = |since| Creator {
+        boot_id: "another-machine".into(),
+        pid: 1,
+        start: 1,
+        since,
+    };
+    let recent = names::new_vm_cid();
+    let old = names::new_vm_cid();
+    host.put_domain(&recent, false, creating(&elsewhere(now - 60)));
+    host.put_domain(&old, false, creating(&elsewhere(now - 31 * 60)));
+    create(&host, "10.0.16.10").unwrap();
+    assert!(host.domain(&recent).is_some(), "it may still be at work");
+    assert!(host.domain(&old).is_none());
+}
+
+#[test]
 fn a_create_sweeps_domainless_volumes_only_once_they_are_old_and_unused() {
     let host = fake();
     let old = names::new_vm_cid();

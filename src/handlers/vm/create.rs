@@ -2,25 +2,27 @@
 //! reservations, root overlay, ephemeral disk, config drive, start) and its
 //! undo, newest first, when a step fails. See the module doc of `super`.
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::creation_failed;
 use super::janitor::{reclaim_stale_reservation, sweep_dead_creates, sweep_killed_creates};
-use super::plan::{check_host_interfaces, plan_nics, resolve_networks, NicPlan};
+use super::plan::{
+    check_host_interfaces, networks_with_macs, nic_summary, plan_nics, put_nics, resolve_networks,
+    NicPlan,
+};
 use crate::config::Config;
 use crate::configdrive;
 use crate::creator::Creator;
 use crate::error::{CpiError, Result};
 use crate::host::{
-    random_mac, DhcpHost, DiskFormat, DiskHost, DomainSpec, NicRecord, VmHost, VmMetadata,
-    VolumeFacts, MIB,
+    random_mac, DhcpHost, DiskFormat, DiskHost, DomainSpec, VmHost, VmMetadata, VolumeFacts, MIB,
 };
 use crate::log::Logger;
 use crate::method::Object;
 use crate::names::{self, marker_name};
 use crate::records::StemcellRecord;
 use crate::settings::{self, SettingsInput};
-use crate::vm_spec::{self, Graphics, NicSource, VmProperties};
+use crate::vm_spec::{self, Graphics, VmProperties};
 
 pub struct CreateVm<'a> {
     pub agent_id: &'a str,
@@ -141,31 +143,7 @@ pub fn create_vm(
     let made = make_vm(host, log, &inputs, &mut nics, &mut journal);
     match made {
         Ok(()) => {
-            let mut out = args.networks.clone();
-            for nic in &nics {
-                if let (Some(mac), Some(Value::Object(n))) =
-                    (&nic.mac, out.get_mut(&nic.request.name))
-                {
-                    n.insert("mac".into(), json!(mac));
-                }
-            }
-            let nic_text: Vec<String> = nics
-                .iter()
-                .filter_map(|n| {
-                    n.mac.as_ref().map(|m| {
-                        format!(
-                            "{}={}{}",
-                            n.request.name,
-                            m,
-                            n.request
-                                .ip
-                                .as_ref()
-                                .map(|ip| format!(" ({ip})"))
-                                .unwrap_or_default()
-                        )
-                    })
-                })
-                .collect();
+            let nic_text = nic_summary(&nics);
             log.summary(format!(
                 "created {vm_cid} from {} ({} CPU, {} MiB, root {} MiB{}, NICs: {})",
                 args.stemcell_cid,
@@ -177,12 +155,9 @@ pub fn create_vm(
                 } else {
                     String::new()
                 },
-                if nic_text.is_empty() {
-                    "none".to_string()
-                } else {
-                    nic_text.join(", ")
-                }
+                nic_text
             ));
+            let out = networks_with_macs(args.networks, &nics);
             Ok(json!([vm_cid, Value::Object(out)]))
         }
         Err(e) => {
@@ -301,41 +276,11 @@ fn make_vm(
             creating: Creator::this_process().map(|c| c.to_string()),
         },
     };
-    let with_nics = |spec: &mut DomainSpec, nics: &mut [NicPlan]| {
-        for i in 0..nics.len() {
-            if let Some(head) = nics[i].shares_nic_of {
-                nics[i].mac = nics[head].mac.clone();
-            }
-        }
-        spec.nics = nics
-            .iter()
-            .filter(|n| n.shares_nic_of.is_none())
-            .filter_map(|n| {
-                let source = match &n.request.source {
-                    NicSource::Network(_) => NicSource::Network(n.libvirt_network.clone()),
-                    other => other.clone(),
-                };
-                Some((n.mac.clone()?, source))
-            })
-            .collect();
-        spec.metadata.networks = nics
-            .iter()
-            .map(|n| NicRecord {
-                network: n.request.name.clone(),
-                kind: n.request.kind.as_str().to_string(),
-                libvirt_network: n.libvirt_network.clone(),
-                mac: n.mac.clone(),
-                ip: n.request.ip.clone(),
-                dhcp_host: n.dhcp.as_ref().and_then(|h| h.name.clone()),
-            })
-            .collect();
-    };
-
     // 1. The domain first, defined but not started, recording this process
     // as its creator: from now on whatever this call makes belongs to a
     // domain, and a later call can tell a killed create_vm (creator dead)
     // from one still at work (see reclaim_stale_reservation).
-    with_nics(&mut spec, nics);
+    put_nics(&mut spec, nics);
     host.define_vm(&spec)?;
     journal.push(Made::Domain(vm_cid.to_string()));
     log.debug(format!("defined domain {vm_cid}"));
@@ -396,7 +341,7 @@ fn make_vm(
         });
     }
     if macs_changed {
-        with_nics(&mut spec, nics);
+        put_nics(&mut spec, nics);
         host.define_vm(&spec)?;
     }
 
@@ -430,14 +375,7 @@ fn make_vm(
     }
 
     // 5. Config drive with the agent settings (networks now carry their MACs).
-    let mut settings_networks: Map<String, Value> = args.networks.clone();
-    for nic in nics.iter() {
-        if let (Some(mac), Some(Value::Object(n))) =
-            (&nic.mac, settings_networks.get_mut(&nic.request.name))
-        {
-            n.insert("mac".into(), json!(mac));
-        }
-    }
+    let settings_networks = networks_with_macs(args.networks, nics);
     let agent_settings = settings::agent_settings(&SettingsInput {
         agent_id: args.agent_id,
         vm_cid,

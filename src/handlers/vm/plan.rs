@@ -10,8 +10,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use super::creation_failed;
 use crate::config::Config;
 use crate::error::{CpiError, Result};
-use crate::host::{random_mac, DhcpHost, NetworkInfo, VmHost};
+use serde_json::{json, Value};
+
+use crate::host::{random_mac, DhcpHost, DomainSpec, NetworkInfo, NicRecord, VmHost};
 use crate::log::Logger;
+use crate::method::Object;
 use crate::names;
 use crate::vm_spec::{NetKind, NetworkRequest, NicSource};
 
@@ -261,5 +264,76 @@ pub(super) fn libvirt_network_of(r: &NetworkRequest, config: &Config) -> Option<
     match &r.source {
         NicSource::Network(n) => Some(n.clone().unwrap_or_else(|| config.network.name.clone())),
         _ => None,
+    }
+}
+
+/// The NICs into the domain's definition: a NIC per plan that has its own
+/// (a later network of a nic_group takes its head's MAC), and a record of
+/// every network, with its reservation, in the metadata.
+pub(super) fn put_nics(spec: &mut DomainSpec, nics: &mut [NicPlan]) {
+    for i in 0..nics.len() {
+        if let Some(head) = nics[i].shares_nic_of {
+            nics[i].mac = nics[head].mac.clone();
+        }
+    }
+    spec.nics = nics
+        .iter()
+        .filter(|n| n.shares_nic_of.is_none())
+        .filter_map(|n| {
+            let source = match &n.request.source {
+                NicSource::Network(_) => NicSource::Network(n.libvirt_network.clone()),
+                other => other.clone(),
+            };
+            Some((n.mac.clone()?, source))
+        })
+        .collect();
+    spec.metadata.networks = nics
+        .iter()
+        .map(|n| NicRecord {
+            network: n.request.name.clone(),
+            kind: n.request.kind.as_str().to_string(),
+            libvirt_network: n.libvirt_network.clone(),
+            mac: n.mac.clone(),
+            ip: n.request.ip.clone(),
+            dhcp_host: n.dhcp.as_ref().and_then(|h| h.name.clone()),
+        })
+        .collect();
+}
+
+/// The request's networks, each that has a NIC carrying its MAC (what the
+/// agent's settings and v2's result hold).
+pub(super) fn networks_with_macs(networks: &Object, nics: &[NicPlan]) -> Object {
+    let mut out = networks.clone();
+    for nic in nics {
+        if let (Some(mac), Some(Value::Object(n))) = (&nic.mac, out.get_mut(&nic.request.name)) {
+            n.insert("mac".into(), json!(mac));
+        }
+    }
+    out
+}
+
+/// `name=mac (ip)` per NIC, for the summary line; "none" without NICs.
+pub(super) fn nic_summary(nics: &[NicPlan]) -> String {
+    let text: Vec<String> = nics
+        .iter()
+        .filter_map(|n| {
+            n.mac.as_ref().map(|m| {
+                format!(
+                    "{}={}{}",
+                    n.request.name,
+                    m,
+                    n.request
+                        .ip
+                        .as_ref()
+                        .map(|ip| format!(" ({ip})"))
+                        .unwrap_or_default()
+                )
+            })
+        })
+        .collect();
+    if text.is_empty() {
+        "none".to_string()
+    } else {
+        text.join(", ")
     }
 }

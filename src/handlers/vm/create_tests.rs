@@ -144,6 +144,69 @@ fn an_unknown_stemcell_is_a_creation_failure_and_nothing_is_made() {
     assert!(!e.ok_to_retry);
 }
 
+#[test]
+fn networks_of_one_nic_group_share_one_nic_and_one_reservation() {
+    let host = fake();
+    let networks = json!({
+        "a": {"type": "manual", "ip": "10.0.16.10", "netmask": "255.255.255.0",
+              "cloud_properties": {"nic_group": "g"}},
+        "b": {"type": "manual", "ip": "10.0.16.11", "netmask": "255.255.255.0",
+              "cloud_properties": {"nic_group": "g"}},
+        "d": {"type": "dynamic", "cloud_properties": {}},
+        "v": {"type": "vip", "ip": "203.0.113.5", "cloud_properties": {}}
+    });
+    let out = create_with(&host, networks, json!({}), None).unwrap();
+    let vm = out[0].as_str().unwrap();
+    let mac = |n: &str| out[1][n]["mac"].as_str().map(str::to_string);
+    assert_eq!(mac("a"), mac("b"), "b rides on a's NIC");
+    assert_ne!(mac("a"), mac("d"));
+    assert_eq!(mac("v"), None, "a vip network has no NIC");
+    assert_eq!(host.domain(vm).unwrap().spec.nics.len(), 2);
+    let r = host.reservations(NET);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].ip.as_deref(), Some("10.0.16.10"));
+}
+
+#[test]
+fn a_missing_bridge_or_network_fails_before_anything_is_made() {
+    let host = fake();
+    for cp in [json!({"bridge": "br9"}), json!({"network_name": "nowhere"})] {
+        let networks = json!({"p": {"type": "dynamic", "cloud_properties": cp}});
+        let e = failure(create_with(&host, networks, json!({}), None));
+        assert!(!e.ok_to_retry, "{}", e.message);
+    }
+    host.put_interface("br9");
+    let networks = json!({"p": {"type": "dynamic", "cloud_properties": {"bridge": "br9"}}});
+    create_with(&host, networks, json!({}), None).unwrap();
+    assert_eq!(
+        host.calls()
+            .iter()
+            .filter(|c| c.starts_with("define_vm"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn an_address_outside_the_network_or_taken_twice_is_refused() {
+    let host = fake();
+    for ip in ["10.0.17.10", "10.0.16.0", "10.0.16.1", "10.0.16.255"] {
+        let e = failure(create(&host, ip));
+        assert!(
+            e.message.contains("not a usable address"),
+            "{ip}: {}",
+            e.message
+        );
+    }
+    let twice = json!({
+        "a": {"type": "manual", "ip": "10.0.16.10", "netmask": "255.255.255.0"},
+        "b": {"type": "manual", "ip": "10.0.16.10", "netmask": "255.255.255.0"}
+    });
+    let e = failure(create_with(&host, twice, json!({}), None));
+    assert!(e.message.contains("asked for twice"), "{}", e.message);
+    assert!(!host.calls().iter().any(|c| c.starts_with("define_vm")));
+}
+
 // ---- undo of each step ----------------------------------------------------------
 
 #[test]

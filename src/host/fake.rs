@@ -16,6 +16,7 @@ use crate::host::{
     DiskAttachment, DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts,
 };
 
+mod stemcells;
 mod vms;
 
 pub const POOL: &str = "fake-pool";
@@ -41,6 +42,7 @@ struct State {
     calls: Vec<String>,
     /// What a killed hot-plug left in QEMU, by VM (see remove_orphan_block_nodes).
     orphans: BTreeMap<String, String>,
+    stemcells: stemcells::State,
     /// VMs as `VmHost` sees them, networks and reservations (see vms.rs).
     machines: vms::Machines,
 }

@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::envelope::Request;
 use crate::error::{CpiError, Result};
-use crate::libvirt::host::{connect, LibvirtDisks};
+use crate::libvirt::host::LibvirtDisks;
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Method;
@@ -48,26 +48,6 @@ impl<'a> Call<'a> {
             request,
             libvirt: OnceCell::new(),
         }
-    }
-
-    /// The connection, opened on first use.
-    pub fn libvirt(&mut self) -> Result<&Libvirt> {
-        if self.libvirt.get().is_none() {
-            self.log
-                .debug(format!("connecting to {}", self.config.libvirt_uri()));
-        }
-        connect(&self.libvirt, &self.config.libvirt_uri())
-    }
-
-    /// The connection, the logger and the config at once, for handlers that
-    /// log while they hold the connection.
-    pub fn parts(&mut self) -> Result<(&Libvirt, &mut Logger, &'a Config)> {
-        self.libvirt()?;
-        let lv = self
-            .libvirt
-            .get()
-            .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))?;
-        Ok((lv, &mut *self.log, self.config))
     }
 
     /// The host, for disks, stemcells and VMs (connecting on first use), and the logger.

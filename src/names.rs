@@ -12,6 +12,7 @@
 //! | marker of a stemcell, disk or snapshot | `<volume>.meta`                   |
 //! | a disk's tags, holder, lock  | `<disk cid>.tags`, `.holder`, `.lock`       |
 //! | DHCP host entries of a VM    | `<vm cid>` on a network, then `<vm cid>-<n>` |
+//! | the ephemeral disk's serial  | `bosh-ephemeral` (how the agent finds it)   |
 //! | the CPI's element in a domain's `<metadata>` | namespace `urn:bosh-libvirt-cpi:vm:1`, prefix `bosh` |
 
 pub fn new_vm_cid() -> String {

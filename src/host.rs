@@ -9,11 +9,16 @@
 //!
 //! "Not found" is a value here (`Option`, `false`), never an error: the
 //! handlers decide which BOSH error a situation becomes.
+//!
+//! `StemcellHost` (stemcells.rs) and `VmHost` (vms.rs: VMs, networks, DHCP
+//! reservations) extend `DiskHost` the same way.
 
 pub mod facts;
 #[cfg(test)]
 pub mod fake;
 mod stemcells;
+mod vms;
+pub use vms::*;
 
 use std::time::Duration;
 

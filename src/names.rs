@@ -12,6 +12,7 @@
 //! | marker of a stemcell, disk or snapshot | `<volume>.meta`                   |
 //! | a disk's tags, holder, lock  | `<disk cid>.tags`, `.holder`, `.lock`       |
 //! | DHCP host entries of a VM    | `<vm cid>` on a network, then `<vm cid>-<n>` |
+//! | the ephemeral disk's serial  | `bosh-ephemeral` (how the agent finds it)   |
 //! | the CPI's element in a domain's `<metadata>` | namespace `urn:bosh-libvirt-cpi:vm:1`, prefix `bosh` |
 
 pub fn new_vm_cid() -> String {
@@ -164,6 +165,10 @@ pub fn holder_name(disk_cid: &str) -> String {
 pub fn lock_name(disk_cid: &str) -> String {
     format!("{disk_cid}.lock")
 }
+
+/// The serial the ephemeral disk carries, so the agent finds it by a stable
+/// name on every bus (see `settings::ephemeral_path`).
+pub const EPHEMERAL_SERIAL: &str = "bosh-ephemeral";
 
 /// Namespace of the CPI's element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "urn:bosh-libvirt-cpi:vm:1";

@@ -10,7 +10,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::config::AgentConfig;
-use crate::libvirt::domain::EPHEMERAL_SERIAL;
+use crate::names::EPHEMERAL_SERIAL;
 use crate::vm_spec::DiskBus;
 
 /// Device the root disk has in the guest (virtio-blk, first).

@@ -569,6 +569,35 @@ fn delete_vm_of_a_vanished_vm_sweeps_its_leftovers() {
 }
 
 #[test]
+fn create_vm_answers_a_v1_caller_with_the_bare_vm_cid() {
+    let tb = testbed();
+    let sc = Stemcell::import(tb);
+    let networks = json!({"default": {"type": "dynamic", "cloud_properties": {}}});
+    let request = |api_version: u64| {
+        serde_json::to_vec(&json!({"method": "create_vm",
+            "arguments": ["agent-v1", sc.cid, {"memory": 256}, networks, [], {}],
+            "context": {"director_uuid": DIRECTOR_UUID}, "api_version": api_version}))
+        .unwrap()
+    };
+    let v1 = run_cpi_raw(Some(&tb.config), &request(1)).response;
+    assert!(v1["error"].is_null(), "{v1}");
+    let vm = v1["result"]
+        .as_str()
+        .expect("v1: a bare VM CID")
+        .to_string();
+    ok(&tb.config, "delete_vm", json!([vm]));
+
+    let v2 = run_cpi_raw(Some(&tb.config), &request(2)).response;
+    assert!(v2["error"].is_null(), "{v2}");
+    let vm = v2["result"][0]
+        .as_str()
+        .expect("v2: [vm_cid, networks]")
+        .to_string();
+    assert!(v2["result"][1]["default"]["mac"].is_string(), "{v2}");
+    ok(&tb.config, "delete_vm", json!([vm]));
+}
+
+#[test]
 fn absent_vms_and_small_methods() {
     let tb = testbed();
     let config = &tb.config;

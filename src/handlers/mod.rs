@@ -21,13 +21,14 @@ mod sweep;
 mod vm;
 
 use std::cell::OnceCell;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::config::Config;
 use crate::envelope::Request;
 use crate::error::{CpiError, Result};
-use crate::libvirt::host::{connect, LibvirtDisks};
+use crate::libvirt::host::LibvirtDisks;
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Method;
@@ -49,27 +50,7 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// The connection, opened on first use.
-    pub fn libvirt(&mut self) -> Result<&Libvirt> {
-        if self.libvirt.get().is_none() {
-            self.log
-                .debug(format!("connecting to {}", self.config.libvirt_uri()));
-        }
-        connect(&self.libvirt, &self.config.libvirt_uri())
-    }
-
-    /// The connection, the logger and the config at once, for handlers that
-    /// log while they hold the connection.
-    pub fn parts(&mut self) -> Result<(&Libvirt, &mut Logger, &'a Config)> {
-        self.libvirt()?;
-        let lv = self
-            .libvirt
-            .get()
-            .ok_or_else(|| CpiError::cloud("libvirt connection is not open"))?;
-        Ok((lv, &mut *self.log, self.config))
-    }
-
-    /// The disk and stemcell host (connecting on first use) and the logger.
+    /// The host, for disks, stemcells and VMs (connecting on first use), and the logger.
     pub fn disks(&mut self) -> (LibvirtDisks<'_>, &mut Logger) {
         (
             LibvirtDisks::new(&self.libvirt, self.config),
@@ -81,7 +62,7 @@ impl<'a> Call<'a> {
 pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
     match method {
         Method::Info => info::info(call.config),
-        Method::HasVm { vm_cid } => vm::has_vm(call, &vm_cid),
+        Method::HasVm { vm_cid } => vm::has_vm(&call.disks().0, &vm_cid),
         Method::CreateVm {
             agent_id,
             stemcell_cid,
@@ -89,20 +70,47 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             networks,
             disk_cids,
             env,
-        } => vm::create_vm(
-            call,
-            vm::CreateVm {
+        } => {
+            let v1 = call.request.wants_v1_shapes();
+            let stemcell_api = call
+                .request
+                .context
+                .get("vm")
+                .and_then(|v| v.pointer("/stemcell/api_version"))
+                .and_then(Value::as_u64);
+            let config = call.config;
+            let (host, log) = call.disks();
+            let args = vm::CreateVm {
                 agent_id: &agent_id,
                 stemcell_cid: &stemcell_cid,
                 cloud_properties: &cloud_properties,
                 networks: &networks,
                 disk_cids: &disk_cids,
                 env: &env,
-            },
-        ),
-        Method::DeleteVm { vm_cid } => vm::delete_vm(call, &vm_cid),
-        Method::RebootVm { vm_cid } => vm::reboot_vm(call, &vm_cid),
-        Method::SetVmMetadata { vm_cid, metadata } => vm::set_vm_metadata(call, &vm_cid, &metadata),
+                stemcell_api,
+            };
+            // v1 callers get the bare VM CID, not [cid, networks] (cpi-contract.md 1.4).
+            vm::create_vm(&host, log, config, args).map(|mut result| {
+                if v1 {
+                    result.get_mut(0).map(Value::take).unwrap_or_default()
+                } else {
+                    result
+                }
+            })
+        }
+        Method::DeleteVm { vm_cid } => {
+            let (host, log) = call.disks();
+            vm::delete_vm(&host, log, &vm_cid)
+        }
+        Method::RebootVm { vm_cid } => {
+            let grace = Duration::from_secs(call.config.reboot_grace_seconds);
+            let (host, log) = call.disks();
+            vm::reboot_vm(&host, log, &vm_cid, grace)
+        }
+        Method::SetVmMetadata { vm_cid, metadata } => {
+            let (host, log) = call.disks();
+            vm::set_vm_metadata(&host, log, &vm_cid, &metadata)
+        }
         Method::CalculateVmCloudProperties {
             cpu,
             ram_mib,

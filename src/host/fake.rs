@@ -17,6 +17,7 @@ use crate::host::{
 };
 
 mod stemcells;
+mod vms;
 
 pub const POOL: &str = "fake-pool";
 
@@ -42,6 +43,8 @@ struct State {
     /// What a killed hot-plug left in QEMU, by VM (see remove_orphan_block_nodes).
     orphans: BTreeMap<String, String>,
     stemcells: stemcells::State,
+    /// VMs as `VmHost` sees them, networks and reservations (see vms.rs).
+    machines: vms::Machines,
 }
 
 pub struct FakeHost {

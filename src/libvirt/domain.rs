@@ -15,41 +15,14 @@ use virt::sys;
 use super::xmltree::Element;
 use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
 use crate::error::{CpiError, Result};
-use crate::names::{METADATA_NS, METADATA_PREFIX};
-use crate::vm_spec::{CpuMode, CpuTopology, DiskBus, DiskOptions, Firmware, Graphics, NicSource};
+use crate::names::{EPHEMERAL_SERIAL, METADATA_NS, METADATA_PREFIX};
+use crate::vm_spec::{CpuMode, DiskBus, Firmware, NicSource};
 
 /// Spare PCIe root ports beyond those the domain's own devices take, so
 /// persistent disks can be hot-plugged into q35 domains later.
 pub const SPARE_ROOT_PORTS: usize = 6;
 
-/// One NIC (or, for `vip`, just the network) as recorded in the metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NicRecord {
-    /// The BOSH network name.
-    pub network: String,
-    /// `manual`, `dynamic` or `vip`.
-    pub kind: String,
-    /// The libvirt network of the NIC (none for vip).
-    pub libvirt_network: Option<String>,
-    pub mac: Option<String>,
-    pub ip: Option<String>,
-    /// Name of the DHCP host entry reserving `ip` for `mac`, when one was made.
-    pub dhcp_host: Option<String>,
-}
-
-/// The CPI's `<bosh:vm>` metadata element.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct VmMetadata {
-    pub agent_id: String,
-    pub stemcell: String,
-    pub created_at: String,
-    pub networks: Vec<NicRecord>,
-    /// BOSH's set_vm_metadata pairs, values as strings (non-strings as JSON).
-    pub tags: Vec<(String, String)>,
-    /// The create_vm process still making this VM (`Creator`'s text form);
-    /// cleared once the VM runs.
-    pub creating: Option<String>,
-}
+pub use crate::host::{NicRecord, VmMetadata};
 
 impl VmMetadata {
     /// The element as `virDomainSetMetadata` takes it: no prefixes (libvirt
@@ -154,36 +127,7 @@ impl VmMetadata {
     }
 }
 
-/// What the CPI puts into a new domain.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DomainSpec {
-    pub name: String,
-    pub uuid: String,
-    pub domain_type: String,
-    pub machine: String,
-    pub memory_mib: u64,
-    pub cpus: u64,
-    pub cpu_mode: CpuMode,
-    pub cpu_topology: Option<CpuTopology>,
-    pub memory_balloon: bool,
-    pub firmware: Firmware,
-    /// A console for people, with its password (listening on 127.0.0.1 only).
-    pub graphics: Option<(Graphics, String)>,
-    pub root_disk: String,
-    pub ephemeral_disk: Option<String>,
-    /// Bus, cache, io and discard of the root and ephemeral disks.
-    pub disk: DiskOptions,
-    pub config_drive: String,
-    /// (MAC, what it is plugged into) per NIC, in order; a `Network` source
-    /// always names its libvirt network here.
-    pub nics: Vec<(String, NicSource)>,
-    pub console_log: String,
-    pub metadata: VmMetadata,
-}
-
-/// The serial the ephemeral disk carries, so the agent finds it by a stable
-/// name on every bus (see `settings::ephemeral_path`).
-pub const EPHEMERAL_SERIAL: &str = "bosh-ephemeral";
+pub use crate::host::DomainSpec;
 
 pub fn is_q35(machine: &str) -> bool {
     machine == "q35" || machine.starts_with("pc-q35")
@@ -341,14 +285,7 @@ impl DomainSpec {
     }
 }
 
-/// What the CPI reads back from a domain's XML.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DomainFacts {
-    /// (MAC, libvirt network) of each `type='network'` interface.
-    pub interfaces: Vec<(String, String)>,
-    pub metadata: Option<VmMetadata>,
-    pub title: Option<String>,
-}
+pub use crate::host::DomainFacts;
 
 impl DomainFacts {
     pub fn from_xml(xml: &str) -> std::result::Result<DomainFacts, String> {
@@ -384,16 +321,7 @@ impl DomainFacts {
     }
 }
 
-/// How a reboot ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RebootOutcome {
-    /// The guest rebooted after the ACPI request.
-    Graceful,
-    /// The guest ignored the request until the grace period ended: reset.
-    HardReset,
-    /// The domain was (or went) shut off: started.
-    Started,
-}
+pub use crate::host::RebootOutcome;
 
 impl Libvirt {
     pub fn find_domain(&self, name: &str) -> Result<Option<Domain>> {
@@ -749,6 +677,7 @@ impl Drop for EventWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm_spec::{CpuTopology, DiskOptions, Graphics};
 
     #[test]
     fn reboot_waits_the_grace_period_even_without_events() {

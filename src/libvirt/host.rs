@@ -53,7 +53,7 @@ impl<'a> LibvirtDisks<'a> {
     }
 
     /// The pool, opened (and created when the config allows) on first use.
-    fn pool(&self) -> Result<&StoragePool> {
+    pub(super) fn pool(&self) -> Result<&StoragePool> {
         if let Some(pool) = self.pool.get() {
             return Ok(pool);
         }
@@ -65,22 +65,30 @@ impl<'a> LibvirtDisks<'a> {
         Ok((self.libvirt()?, self.pool()?))
     }
 
-    /// The domain of that name, looked up on first use in this call.
-    fn find_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
-        if let Some((_, d)) = self.domains.borrow().iter().find(|(n, _)| n == vm_cid) {
-            return Ok(Some(d.clone()));
-        }
+    /// Looks the domain up (always: whether it exists must be fresh) and
+    /// keeps its handle for the operations of this call that follow.
+    fn lookup_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
         let found = self.libvirt()?.find_domain(vm_cid)?;
+        let mut domains = self.domains.borrow_mut();
+        domains.retain(|(n, _)| n != vm_cid);
         if let Some(d) = &found {
-            self.domains
-                .borrow_mut()
-                .push((vm_cid.to_string(), d.clone()));
+            domains.push((vm_cid.to_string(), d.clone()));
         }
         Ok(found)
     }
 
+    /// The domain's handle: the one this call already has, else looked up.
+    /// A handle of a domain undefined since is answered by libvirt as no
+    /// domain (`domain_disks` then gives `None`).
+    fn known_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
+        if let Some((_, d)) = self.domains.borrow().iter().find(|(n, _)| n == vm_cid) {
+            return Ok(Some(d.clone()));
+        }
+        self.lookup_domain(vm_cid)
+    }
+
     fn domain(&self, vm_cid: &str) -> Result<Domain> {
-        self.find_domain(vm_cid)?
+        self.known_domain(vm_cid)?
             .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))
     }
 
@@ -169,11 +177,11 @@ impl DiskHost for LibvirtDisks<'_> {
     }
 
     fn vm_exists(&self, vm_cid: &str) -> Result<bool> {
-        Ok(self.find_domain(vm_cid)?.is_some())
+        Ok(self.lookup_domain(vm_cid)?.is_some())
     }
 
     fn vm_disks(&self, vm_cid: &str) -> Result<Option<DomainDisks>> {
-        match self.find_domain(vm_cid)? {
+        match self.known_domain(vm_cid)? {
             Some(domain) => self.libvirt()?.domain_disks(&domain, vm_cid),
             None => Ok(None),
         }

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod stemcell;
 mod stemcell_host;
 pub mod upload;
+mod vm_host;
 pub mod volume;
 pub mod xmltree;
 

@@ -19,29 +19,7 @@ use crate::config::NetworkConfig;
 use crate::error::{CpiError, Result};
 use crate::net::Ipv4Net;
 
-/// What the CPI needs to know about a network's IPv4 side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkInfo {
-    pub name: String,
-    /// Subnet of the first IPv4 `<ip>` element, if any.
-    pub subnet: Option<Ipv4Net>,
-    /// The host's address on that subnet (the VMs' gateway).
-    pub host_ip: Option<Ipv4Addr>,
-    /// Whether that `<ip>` has a `<dhcp>` element (reservations are possible).
-    pub dhcp: bool,
-    pub dhcp_ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
-    pub hosts: Vec<DhcpHost>,
-    /// The host's address and prefix on the first IPv6 `<ip>`, if any.
-    pub ipv6: Option<(Ipv6Addr, u8)>,
-}
-
-/// One `<host>` entry of a network's DHCP section, as libvirt stores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpHost {
-    pub mac: Option<String>,
-    pub name: Option<String>,
-    pub ip: Option<String>,
-}
+pub use crate::host::{DhcpHost, NetworkInfo};
 
 impl DhcpHost {
     pub fn to_xml(&self) -> String {
@@ -180,23 +158,7 @@ pub fn nat_network_xml(name: &str, subnet: &Ipv4Net) -> String {
     )
 }
 
-/// A random unicast (bit 0 of the first octet clear), locally administered
-/// (bit 1 set) MAC: 46 random bits, so MACs picked at the same moment by
-/// concurrent create_vms (whose uniqueness checks see only a snapshot) do
-/// not collide in practice, unlike QEMU's 52:54:00 block with its 24 bits.
-pub fn random_mac() -> String {
-    // Bytes 0..6 of a v4 UUID are all random (version and variant live in 6 and 8).
-    let b = *uuid::Uuid::new_v4().as_bytes();
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        (b[0] & 0xfc) | 0x02,
-        b[1],
-        b[2],
-        b[3],
-        b[4],
-        b[5]
-    )
-}
+pub use crate::host::random_mac;
 
 impl Libvirt {
     pub fn find_network(&self, name: &str) -> Result<Option<Network>> {
@@ -376,18 +338,7 @@ impl Libvirt {
     }
 }
 
-/// libvirt's DELETE matching: every field the pattern gives must be equal.
-pub fn matches_host(entry: &DhcpHost, pattern: &DhcpHost) -> bool {
-    let eq = |a: &Option<String>, b: &Option<String>, ci: bool| match (a, b) {
-        (_, None) => true,
-        (Some(a), Some(b)) if ci => a.eq_ignore_ascii_case(b),
-        (Some(a), Some(b)) => a == b,
-        (None, Some(_)) => false,
-    };
-    eq(&entry.mac, &pattern.mac, true)
-        && eq(&entry.name, &pattern.name, false)
-        && eq(&entry.ip, &pattern.ip, false)
-}
+pub use crate::host::matches_host;
 
 #[cfg(test)]
 mod tests {

@@ -127,19 +127,6 @@ impl DiskOptions {
             discard,
         })
     }
-
-    /// The `<driver>` attributes beyond name and type.
-    pub fn driver_attrs(&self) -> String {
-        let mut a = String::new();
-        if let Some(c) = &self.cache {
-            a.push_str(&format!(" cache='{c}'"));
-        }
-        if let Some(io) = &self.io {
-            a.push_str(&format!(" io='{io}'"));
-        }
-        a.push_str(&format!(" discard='{}'", self.discard));
-        a
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -766,15 +753,16 @@ mod tests {
         assert!(!p.memory_balloon);
         assert_eq!(p.disk.bus, DiskBus::Scsi);
         assert_eq!(
-            p.disk.driver_attrs(),
-            " cache='none' io='native' discard='ignore'"
+            (p.disk.cache.as_deref(), p.disk.io.as_deref()),
+            (Some("none"), Some("native"))
         );
+        assert_eq!(p.disk.discard, "ignore");
         assert_eq!((p.firmware, p.graphics), (Firmware::Uefi, Graphics::Vnc));
         assert!(p.ignored.is_empty());
         let d = props(json!({})).unwrap();
         assert_eq!(d.cpu_mode, CpuMode::Default);
         assert!(d.memory_balloon);
-        assert_eq!(d.disk.driver_attrs(), " discard='unmap'");
+        assert_eq!(d.disk, DiskOptions::default());
         assert_eq!((d.firmware, d.graphics), (Firmware::Bios, Graphics::None));
     }
 

@@ -15,7 +15,7 @@ use crate::config::{Config, DomainType};
 use crate::libvirt::network::{nat_network_xml, NetworkInfo};
 use crate::libvirt::xmltree::Element;
 use crate::libvirt::{connect_hint, Libvirt};
-use crate::net::Ipv4Net;
+use crate::net::{parse_subnet, Ipv4Net};
 use crate::uri::{LibvirtUri, Transport};
 
 /// Below this much free space in the pool, a stemcell import (an openstack
@@ -412,7 +412,7 @@ fn network(lv: &Libvirt, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
         }
         (None, Some(subnet)) => {
             // Validated with the config.
-            let Ok(subnet) = Ipv4Net::parse(subnet) else {
+            let Ok(subnet) = parse_subnet(subnet) else {
                 return out;
             };
             match clashing_network(lv, &subnet) {
@@ -471,7 +471,7 @@ fn network(lv: &Libvirt, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
                     format!("libvirt network '{name}'{on} active"),
                 ));
             }
-            match (subnet.as_deref().map(Ipv4Net::parse), info.subnet) {
+            match (subnet.as_deref().map(parse_subnet), info.subnet) {
                 (Some(Ok(want)), Some(have)) if want != have => out.push(Finding::warning(
                     "network.subnet",
                     format!("network.subnet is {want}, but libvirt network '{name}' is on {have}; the CPI uses the network as it is"),
@@ -498,7 +498,8 @@ fn clashing_network(lv: &Libvirt, subnet: &Ipv4Net) -> Option<String> {
     nets.iter().find_map(|n| {
         let info = NetworkInfo::from_xml(&n.xml_desc(0).ok()?).ok()?;
         let other = info.subnet?;
-        (other.contains(subnet.network) || subnet.contains(other.network)).then_some(info.name)
+        (other.contains(&subnet.network()) || subnet.contains(&other.network()))
+            .then_some(info.name)
     })
 }
 
@@ -534,7 +535,7 @@ fn dhcp_vs_statics(
         return Finding::ok(check, "no IPv4 subnet: nothing to compare static IPs with");
     };
     for (r, from) in &statics {
-        if !subnet.contains(r.first) || !subnet.contains(r.last) {
+        if !subnet.contains(&r.first) || !subnet.contains(&r.last) {
             return Finding::error(
                 check,
                 format!("static {r} ({from}) is not in libvirt network '{name}''s subnet {subnet}"),

@@ -15,8 +15,7 @@ pub mod stemcell;
 pub mod upload;
 pub mod volume;
 pub mod xmltree;
-
-pub use pool::xml_escape;
+pub mod xmlwrite;
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,14 +10,17 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use ipnet::Ipv6Net;
+
 use virt::network::Network;
 use virt::sys;
 
 use super::xmltree::Element;
-use super::{lv_error, not_found_as_none, xml_escape, Libvirt};
+use super::xmlwrite::El;
+use super::{lv_error, not_found_as_none, Libvirt};
 use crate::config::NetworkConfig;
 use crate::error::{CpiError, Result};
-use crate::net::Ipv4Net;
+use crate::net::{nth_address, parse_subnet, Ipv4Net};
 
 /// What the CPI needs to know about a network's IPv4 side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,14 +48,11 @@ pub struct DhcpHost {
 
 impl DhcpHost {
     pub fn to_xml(&self) -> String {
-        let mut xml = String::from("<host");
-        for (key, value) in [("mac", &self.mac), ("name", &self.name), ("ip", &self.ip)] {
-            if let Some(v) = value {
-                xml.push_str(&format!(" {key}='{}'", xml_escape(v)));
-            }
-        }
-        xml.push_str("/>");
-        xml
+        El::new("host")
+            .attr_opt("mac", self.mac.as_ref())
+            .attr_opt("name", self.name.as_ref())
+            .attr_opt("ip", self.ip.as_ref())
+            .to_compact()
     }
 }
 
@@ -89,17 +89,17 @@ impl NetworkInfo {
             .attr("address")
             .and_then(|a| a.parse().ok())
             .ok_or("network <ip> without an IPv4 address")?;
-        let prefix = match (ip.attr("prefix"), ip.attr("netmask")) {
+        let subnet = match (ip.attr("prefix"), ip.attr("netmask")) {
             (Some(p), _) => p
                 .parse::<u8>()
                 .ok()
-                .filter(|p| *p <= 32)
+                .and_then(|p| Ipv4Net::new(address, p).ok())
                 .ok_or_else(|| format!("network <ip prefix='{p}'> is not a prefix length"))?,
-            (None, Some(m)) => netmask_prefix(m)?,
+            (None, Some(m)) => with_netmask(address, m)?,
             // libvirt's default for an IPv4 <ip> without either: the class-based mask; assume /24.
-            (None, None) => 24,
+            (None, None) => Ipv4Net::new(address, 24).map_err(|e| e.to_string())?,
         };
-        info.subnet = Some(subnet_of(address, prefix));
+        info.subnet = Some(subnet.trunc());
         info.host_ip = Some(address);
         if let Some(dhcp) = ip.child("dhcp") {
             info.dhcp = true;
@@ -129,8 +129,8 @@ impl NetworkInfo {
         let Some((host, prefix)) = self.ipv6 else {
             return true;
         };
-        let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-        ip != host && u128::from(ip) & mask == u128::from(host) & mask
+        // `from_xml` keeps only prefixes of 128 or less.
+        Ipv6Net::new(host, prefix).is_ok_and(|subnet| ip != host && subnet.contains(&ip))
     }
 
     pub fn in_dhcp_range(&self, ip: Ipv4Addr) -> bool {
@@ -140,44 +140,45 @@ impl NetworkInfo {
     }
 }
 
-fn subnet_of(address: Ipv4Addr, prefix: u8) -> Ipv4Net {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
-    Ipv4Net {
-        network: Ipv4Addr::from(u32::from(address) & mask),
-        prefix,
-    }
-}
-
-fn netmask_prefix(mask: &str) -> std::result::Result<u8, String> {
+fn with_netmask(address: Ipv4Addr, mask: &str) -> std::result::Result<Ipv4Net, String> {
     let m: Ipv4Addr = mask
         .parse()
         .map_err(|_| format!("network netmask '{mask}' is not an IPv4 address"))?;
-    let bits = u32::from(m);
-    let prefix = bits.leading_ones();
-    if bits.checked_shl(prefix).unwrap_or(0) != 0 {
-        return Err(format!("network netmask '{mask}' is not contiguous"));
+    Ipv4Net::with_netmask(address, m)
+        .map_err(|_| format!("network netmask '{mask}' is not contiguous"))
+}
+
+/// The addresses DHCP hands out on the CPI's NAT network: the upper half of
+/// the subnet without its broadcast address (and never the host's `.1`).
+/// None for a /31 or /32, which have no room for a host, DHCP and manual IPs.
+pub fn dhcp_range(subnet: &Ipv4Net) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if subnet.prefix_len() > 30 {
+        return None;
     }
-    Ok(prefix as u8)
+    let upper = subnet.subnets(subnet.prefix_len() + 1).ok()?.nth(1)?;
+    let start = upper.network().max(nth_address(subnet, 2)?);
+    let end = Ipv4Addr::from(u32::from(subnet.broadcast()) - 1);
+    Some((start, end))
 }
 
 /// The XML of the CPI's NAT network: the host is `.1`, DHCP hands out the
 /// upper half of the subnet to dynamic networks, so BOSH manual IPs belong in
 /// the lower half.
 pub fn nat_network_xml(name: &str, subnet: &Ipv4Net) -> String {
-    let size = 1u32 << (32 - subnet.prefix);
-    let start = subnet.host((size / 2).max(2));
-    let end = Ipv4Addr::from(u32::from(subnet.broadcast()) - 1);
-    format!(
-        "<network><name>{}</name><forward mode='nat'/><bridge stp='on' delay='0'/>\
-         <ip address='{}' netmask='{}'><dhcp><range start='{start}' end='{end}'/></dhcp></ip></network>",
-        xml_escape(name),
-        subnet.host(1),
-        subnet.netmask()
-    )
+    let range = dhcp_range(subnet).map(|(start, end)| {
+        El::new("dhcp").child(El::new("range").attr("start", start).attr("end", end))
+    });
+    El::new("network")
+        .text_child("name", name)
+        .child(El::new("forward").attr("mode", "nat"))
+        .child(El::new("bridge").attr("stp", "on").attr("delay", 0))
+        .child(
+            El::new("ip")
+                .attr_opt("address", nth_address(subnet, 1))
+                .attr("netmask", subnet.netmask())
+                .children(range),
+        )
+        .to_compact()
 }
 
 /// A random unicast (bit 0 of the first octet clear), locally administered
@@ -214,7 +215,7 @@ impl Libvirt {
         let net = match (self.find_network(name)?, &cfg.subnet) {
             (Some(net), _) => net,
             (None, Some(subnet)) => {
-                let subnet = Ipv4Net::parse(subnet)
+                let subnet = parse_subnet(subnet)
                     .map_err(|e| CpiError::cloud(format!("network.subnet: {e}")))?;
                 self.define_nat_network(name, &subnet)?
             }
@@ -415,7 +416,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.subnet.unwrap().to_string(), "192.168.8.0/23");
-        assert!(netmask_prefix("255.0.255.0").is_err());
+        let addr = Ipv4Addr::new(10, 0, 0, 1);
+        assert!(with_netmask(addr, "255.0.255.0").is_err());
+        assert!(with_netmask(addr, "nope").is_err());
         assert_eq!(info.ipv6, Some(("fd00::1".parse().unwrap(), 64)));
         assert!(info.usable_ipv6("fd00::10".parse().unwrap()));
         assert!(!info.usable_ipv6("fd00::1".parse().unwrap()));
@@ -425,7 +428,7 @@ mod tests {
 
     #[test]
     fn nat_network_reserves_lower_half_for_manual_ips() {
-        let xml = nat_network_xml("cpi-net", &Ipv4Net::parse("10.253.77.0/24").unwrap());
+        let xml = nat_network_xml("cpi-net", &parse_subnet("10.253.77.0/24").unwrap());
         let info = NetworkInfo::from_xml(&xml).unwrap();
         assert_eq!(info.host_ip, Some(Ipv4Addr::new(10, 253, 77, 1)));
         assert_eq!(
@@ -435,8 +438,84 @@ mod tests {
                 Ipv4Addr::new(10, 253, 77, 254)
             )]
         );
-        let small = nat_network_xml("s", &Ipv4Net::parse("10.0.0.0/30").unwrap());
+        let small = nat_network_xml("s", &parse_subnet("10.0.0.0/30").unwrap());
         assert!(small.contains("start='10.0.0.2' end='10.0.0.2'"), "{small}");
+    }
+
+    #[test]
+    fn prefixes_at_the_edges_do_not_panic() {
+        let net = |ip: &str| {
+            NetworkInfo::from_xml(&format!(
+                "<network><name>e</name><ip {ip}><dhcp/></ip></network>"
+            ))
+        };
+        let all = net("address='10.1.2.3' prefix='0'").unwrap();
+        let all_subnet = all.subnet.unwrap();
+        assert_eq!(all_subnet.to_string(), "0.0.0.0/0");
+        assert!(all_subnet.contains(&Ipv4Addr::new(200, 1, 1, 1)));
+        assert_eq!(
+            dhcp_range(&all_subnet),
+            Some((
+                Ipv4Addr::new(128, 0, 0, 0),
+                Ipv4Addr::new(255, 255, 255, 254)
+            ))
+        );
+        assert_eq!(
+            net("address='10.1.2.3' netmask='0.0.0.0'").unwrap().subnet,
+            Some(all_subnet)
+        );
+        let p31 = net("address='10.1.2.3' prefix='31'")
+            .unwrap()
+            .subnet
+            .unwrap();
+        assert_eq!(p31.to_string(), "10.1.2.2/31");
+        assert!(p31.contains(&Ipv4Addr::new(10, 1, 2, 2)));
+        assert!(!p31.contains(&Ipv4Addr::new(10, 1, 2, 4)));
+        assert_eq!(dhcp_range(&p31), None);
+        let p32 = net("address='10.1.2.3' netmask='255.255.255.255'").unwrap();
+        let p32 = p32.subnet.unwrap();
+        assert_eq!(p32.to_string(), "10.1.2.3/32");
+        assert_eq!(dhcp_range(&p32), None);
+        assert!(nat_network_xml("n", &p32).contains("netmask='255.255.255.255'"));
+        assert!(net("address='10.1.2.3' prefix='33'").is_err());
+        let p30 = parse_subnet("10.0.0.0/30").unwrap();
+        let ends = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(dhcp_range(&p30), Some(ends));
+        // IPv6: /0, /64, /128, and a prefix libvirt would refuse.
+        let v6 = |prefix: &str| {
+            NetworkInfo::from_xml(&format!(
+                "<network><name>6</name><ip family='ipv6' address='fd00::1' prefix='{prefix}'/></network>"
+            ))
+            .unwrap()
+        };
+        assert!(v6("0").usable_ipv6("2001:db8::1".parse().unwrap()));
+        assert!(!v6("0").usable_ipv6("fd00::1".parse().unwrap()));
+        assert!(v6("64").usable_ipv6("fd00::ffff:1".parse().unwrap()));
+        assert!(!v6("64").usable_ipv6("fd00:0:0:1::1".parse().unwrap()));
+        assert!(!v6("128").usable_ipv6("fd00::2".parse().unwrap()));
+        assert_eq!(v6("129").ipv6, None);
+    }
+
+    #[test]
+    fn hostile_names_stay_values() {
+        for v in crate::libvirt::xmlwrite::HOSTILE {
+            let xml = nat_network_xml(v, &parse_subnet("10.0.0.0/24").unwrap());
+            let info = NetworkInfo::from_xml(&xml).unwrap();
+            assert_eq!(info.name, v.trim(), "{xml}");
+            assert_eq!(info.dhcp_ranges.len(), 1);
+            let host = DhcpHost {
+                mac: Some(v.to_string()),
+                name: Some(v.to_string()),
+                ip: Some(v.to_string()),
+            };
+            let el = Element::parse(&host.to_xml()).unwrap();
+            assert!(el.name == "host" && el.children.is_empty() && el.text.is_empty());
+            let attr = |k| el.attr(k).map(str::to_string);
+            assert_eq!(
+                (attr("mac"), attr("name"), attr("ip")),
+                (host.mac.clone(), host.name.clone(), host.ip.clone())
+            );
+        }
     }
 
     #[test]

@@ -459,4 +459,46 @@ mod tests {
             );
         }
     }
+
+    /// Through libvirt's own parser (libxml2, in libvirt's in-process test
+    /// driver): the domain as defined, and the metadata element as
+    /// set_vm_metadata replaces it, come back with every value unchanged.
+    /// libxml2 normalises whitespace in attribute values and line ends in
+    /// text, so a tab, newline or carriage return a value holds must reach it
+    /// as a character reference.
+    #[test]
+    fn hostile_values_survive_libvirts_parser() {
+        use crate::libvirt::disk::parse_domain_disks;
+        use crate::libvirt::Libvirt;
+        let lv = Libvirt::open("test:///default").unwrap();
+        for (i, v) in HOSTILE.iter().enumerate() {
+            let mut s = spec();
+            // The test driver's domain type; the XML is otherwise the CPI's.
+            s.domain_type = "test".into();
+            s.name = format!("xmlw-hostile-{i}");
+            s.uuid = uuid::Uuid::new_v4().to_string();
+            s.root_disk = format!("/pool/{v}");
+            s.metadata.tags = vec![
+                (v.to_string(), v.to_string()),
+                (format!("k{v}\n"), format!("{v}\r\n")),
+            ];
+            s.metadata.networks[0].network = v.to_string();
+            let dom = lv
+                .define_domain(&s)
+                .unwrap_or_else(|e| panic!("{v:?}: {}", e.message));
+            let facts = lv.domain_facts(&dom, &s.name).unwrap();
+            assert_eq!(facts.metadata.as_ref(), Some(&s.metadata), "{v:?}");
+            let xml = dom.xml_desc(0).unwrap();
+            let disks = parse_domain_disks(&xml).unwrap();
+            assert_eq!(disks[0].source_path, Some(s.root_disk.clone()), "{v:?}");
+            let mut md = s.metadata.clone();
+            md.tags.reverse();
+            md.agent_id = format!("a{v}z");
+            md.creating = None;
+            lv.set_vm_metadata(&dom, &s.name, &md).unwrap();
+            let facts = lv.domain_facts(&dom, &s.name).unwrap();
+            assert_eq!(facts.metadata, Some(md), "{v:?}");
+            dom.undefine().unwrap();
+        }
+    }
 }

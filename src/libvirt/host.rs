@@ -91,9 +91,18 @@ impl DiskHost for LibvirtDisks<'_> {
 
     fn volume(&self, name: &str) -> Result<Option<VolumeFacts>> {
         let (lv, pool) = self.parts()?;
-        lv.find_volume(pool, name)?
-            .map(|v| lv.volume_facts(&v, name))
-            .transpose()
+        let Some(vol) = lv.find_volume(pool, name)? else {
+            return Ok(None);
+        };
+        match lv.volume_facts(&vol, name) {
+            Ok(facts) => Ok(Some(facts)),
+            // Deleted between the lookup and the reads (another call's lock
+            // released meanwhile): as absent as if the lookup had missed it.
+            Err(e) => match lv.find_volume(pool, name)? {
+                None => Ok(None),
+                Some(_) => Err(e),
+            },
+        }
     }
 
     fn volume_names_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {

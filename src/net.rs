@@ -32,6 +32,19 @@ pub fn nth_address(subnet: &Ipv4Net, n: u32) -> Option<Ipv4Addr> {
     subnet.contains(&addr).then_some(addr)
 }
 
+/// The addresses DHCP hands out on the CPI's NAT network (and the fake's): the upper half of
+/// the subnet without its broadcast address (and never the host's `.1`).
+/// None for a /31 or /32, which have no room for a host, DHCP and manual IPs.
+pub fn dhcp_range(subnet: &Ipv4Net) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if subnet.prefix_len() > 30 {
+        return None;
+    }
+    let upper = subnet.subnets(subnet.prefix_len() + 1).ok()?.nth(1)?;
+    let start = upper.network().max(nth_address(subnet, 2)?);
+    let end = Ipv4Addr::from(u32::from(subnet.broadcast()) - 1);
+    Some((start, end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ mod xml;
 use virt::network::Network;
 use virt::sys;
 
-pub use self::xml::{dhcp_range, matches_host, nat_network_xml, DhcpHost, NetworkInfo};
+pub use self::xml::{matches_host, nat_network_xml, DhcpHost, NetworkInfo};
 use super::{lv_error, not_found_as_none, Libvirt};
 use crate::config::NetworkConfig;
 use crate::error::{CpiError, Result};

@@ -8,7 +8,7 @@ use ipnet::Ipv6Net;
 
 use crate::libvirt::xmltree::Element;
 use crate::libvirt::xmlwrite::El;
-use crate::net::{nth_address, Ipv4Net};
+use crate::net::{dhcp_range, nth_address, Ipv4Net};
 
 /// What the CPI needs to know about a network's IPv4 side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,19 +134,6 @@ fn with_netmask(address: Ipv4Addr, mask: &str) -> std::result::Result<Ipv4Net, S
         .map_err(|_| format!("network netmask '{mask}' is not an IPv4 address"))?;
     Ipv4Net::with_netmask(address, m)
         .map_err(|_| format!("network netmask '{mask}' is not contiguous"))
-}
-
-/// The addresses DHCP hands out on the CPI's NAT network: the upper half of
-/// the subnet without its broadcast address (and never the host's `.1`).
-/// None for a /31 or /32, which have no room for a host, DHCP and manual IPs.
-pub fn dhcp_range(subnet: &Ipv4Net) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    if subnet.prefix_len() > 30 {
-        return None;
-    }
-    let upper = subnet.subnets(subnet.prefix_len() + 1).ok()?.nth(1)?;
-    let start = upper.network().max(nth_address(subnet, 2)?);
-    let end = Ipv4Addr::from(u32::from(subnet.broadcast()) - 1);
-    Some((start, end))
 }
 
 /// The XML of the CPI's NAT network: the host is `.1`, DHCP hands out the

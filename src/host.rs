@@ -10,8 +10,10 @@
 //! "Not found" is a value here (`Option`, `false`), never an error: the
 //! handlers decide which BOSH error a situation becomes.
 
+pub mod facts;
 #[cfg(test)]
 pub mod fake;
+mod stemcells;
 
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ use crate::error::{CpiError, Result};
 pub use crate::image::DiskFormat;
 use crate::names::marker_name;
 use crate::vm_spec::{DiskBus, DiskOptions};
+pub use stemcells::{StemcellHost, VolumeUpload};
 
 pub const MIB: u64 = 1 << 20;
 

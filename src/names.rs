@@ -18,8 +18,11 @@ pub fn new_vm_cid() -> String {
     format!("vm-{}", uuid::Uuid::new_v4())
 }
 
+/// What every stemcell volume's name (and its marker's) starts with.
+pub const STEMCELL_PREFIX: &str = "sc-";
+
 pub fn new_stemcell_cid() -> String {
-    format!("sc-{}", uuid::Uuid::new_v4())
+    format!("{STEMCELL_PREFIX}{}", uuid::Uuid::new_v4())
 }
 
 /// What every persistent disk volume's name starts with.
@@ -40,7 +43,7 @@ pub fn is_vm_cid(cid: &str) -> bool {
 }
 
 pub fn is_stemcell_cid(cid: &str) -> bool {
-    is_uuid_cid(cid, "sc-")
+    is_uuid_cid(cid, STEMCELL_PREFIX)
 }
 
 pub fn is_disk_cid(cid: &str) -> bool {

@@ -1,7 +1,7 @@
-//! The host check's questions to libvirt, through the CPI's own connection
-//! code and lookups: versions, whether the domain type can run, the pool and
-//! the network. Read-only: a missing pool or network is judged by what the
-//! CPI would do on first use, never made here.
+//! The host check's judgement of what libvirt reports (`HostFacts`, read by
+//! `crate::libvirt::inspect`): versions, whether the domain type can run, the
+//! pool and the network. A missing pool or network is judged by what the CPI
+//! would do on first use.
 //!
 //! Paths on the host (the pool directory and its parents) can only be looked
 //! at when the host is this machine: the unix socket, or a loopback host.
@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Finding, IpRange};
 use crate::config::{Config, DomainType};
-use crate::libvirt::network::{nat_network_xml, NetworkInfo};
-use crate::libvirt::xmltree::Element;
-use crate::libvirt::{connect_hint, Libvirt};
+use crate::host::facts::{ConnectFailure, HostFacts, Ipv4Facts, PoolFacts};
 use crate::net::{parse_subnet, Ipv4Net};
 use crate::uri::{LibvirtUri, Transport};
 
@@ -30,20 +28,16 @@ pub const POOL_FREE_WARNING_BYTES: u64 = 20 << 30;
 /// libvirtd refuses it.
 const MIN_LIBVIRT: u32 = 5_006_000;
 
-pub fn check(config: &Config, uri: &LibvirtUri, statics: &[IpRange]) -> Vec<Finding> {
+pub fn check(
+    config: &Config,
+    uri: &LibvirtUri,
+    statics: &[IpRange],
+    facts: Result<HostFacts, ConnectFailure>,
+) -> Vec<Finding> {
     let mut out = Vec::new();
-    let lv = match Libvirt::open(&config.libvirt_uri()) {
-        Ok(lv) => lv,
-        Err(e) => {
-            let hint = connect_hint(&e.message, &config.libvirt.uri);
-            let message = match &hint {
-                Some(h) => e
-                    .message
-                    .strip_suffix(&format!(" ({h})"))
-                    .unwrap_or(&e.message)
-                    .to_string(),
-                None => e.message.clone(),
-            };
+    let facts = match facts {
+        Ok(facts) => facts,
+        Err(ConnectFailure { message, hint }) => {
             out.push(Finding::error(
                 "connection",
                 message,
@@ -58,16 +52,16 @@ pub fn check(config: &Config, uri: &LibvirtUri, statics: &[IpRange]) -> Vec<Find
         "connection",
         format!(
             "connected to {} over {}",
-            lv.conn().hostname().unwrap_or_else(|_| uri.host.clone()),
+            facts.hostname.as_deref().unwrap_or(&uri.host),
             uri.transport.as_str()
         ),
     ));
     let local = uri.transport == Transport::Unix
         || ["localhost", "127.0.0.1", "[::1]", "::1", ""].contains(&uri.host.as_str());
-    out.push(versions(&lv));
-    out.push(domain_type(&lv, config));
-    out.extend(pool(&lv, config, local));
-    out.extend(network(&lv, config, statics));
+    out.push(versions(facts.versions));
+    out.push(domain_type(&facts, config));
+    out.extend(pool(&facts, config, local));
+    out.extend(network(&facts, config, statics));
     out
 }
 
@@ -75,10 +69,8 @@ fn version_text(v: u32) -> String {
     format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000)
 }
 
-fn versions(lv: &Libvirt) -> Finding {
-    let libvirt = lv.conn().lib_version();
-    let qemu = lv.conn().hyp_version();
-    let (Ok(libvirt), Ok(qemu)) = (libvirt, qemu) else {
+fn versions(versions: Option<(u32, u32)>) -> Finding {
+    let Some((libvirt, qemu)) = versions else {
         return Finding::error(
             "versions",
             "libvirtd does not report its libvirt and QEMU versions",
@@ -106,29 +98,23 @@ fn versions(lv: &Libvirt) -> Finding {
 
 /// What libvirt's domain capabilities say of the configured type and
 /// machine: for kvm they fail when the host has no usable /dev/kvm.
-fn domain_type(lv: &Libvirt, config: &Config) -> Finding {
+fn domain_type(facts: &HostFacts, config: &Config) -> Finding {
     let check = "domain_type";
     let kind = config.libvirt.domain_type;
     let machine = &config.libvirt.machine;
-    let caps =
-        lv.conn()
-            .domain_capabilities(None, Some("x86_64"), Some(machine), Some(kind.as_str()), 0);
-    match (kind, caps) {
+    match (kind, &facts.domain_type) {
         (DomainType::Kvm, Err(e)) => Finding::error(
             check,
-            format!("domain type kvm cannot run on this host: {}", e.message()),
+            format!("domain type kvm cannot run on this host: {e}"),
             "enable hardware virtualisation (VT-x/AMD-V, nested virtualisation on a VM host) and load kvm_intel or kvm_amd so the host has /dev/kvm; or set libvirt.domain_type to qemu (software emulation, slow)",
         ),
         (DomainType::Qemu, Err(e)) => Finding::error(
             check,
-            format!("QEMU cannot run machine {machine} on this host: {}", e.message()),
+            format!("QEMU cannot run machine {machine} on this host: {e}"),
             "install qemu-system-x86 on the host, and set libvirt.machine to a machine type it has (virsh domcapabilities)",
         ),
-        (kind, Ok(xml)) => {
-            let resolved = Element::parse(&xml)
-                .ok()
-                .and_then(|r| r.text_at(&["machine"]).map(str::to_string))
-                .unwrap_or_else(|| machine.clone());
+        (kind, Ok(resolved)) => {
+            let resolved = resolved.as_deref().unwrap_or(machine);
             match kind {
                 DomainType::Kvm => Finding::ok(
                     check,
@@ -137,7 +123,7 @@ fn domain_type(lv: &Libvirt, config: &Config) -> Finding {
                 DomainType::Qemu => Finding::warning(
                     check,
                     format!("domain type qemu: VMs run under TCG software emulation (machine {resolved}), several times slower than kvm"),
-                    if lv.conn().domain_capabilities(None, Some("x86_64"), Some(machine), Some("kvm"), 0).is_ok() {
+                    if facts.kvm_available {
                         "this host has KVM: set libvirt.domain_type to kvm"
                     } else {
                         "fine for tests; for real workloads give the host KVM (/dev/kvm) and set libvirt.domain_type to kvm"
@@ -148,16 +134,16 @@ fn domain_type(lv: &Libvirt, config: &Config) -> Finding {
     }
 }
 
-fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
+fn pool(facts: &HostFacts, config: &Config, local: bool) -> Vec<Finding> {
     let cfg = &config.pool;
     let name = &cfg.name;
     let mut out = Vec::new();
-    let found = match lv.find_pool(name) {
+    let found = match &facts.pool {
         Ok(p) => p,
         Err(e) => {
             out.push(Finding::error(
                 "pool",
-                e.message,
+                e,
                 "check the connection's permissions",
             ));
             return out;
@@ -183,15 +169,14 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
             }
             Some(path)
         }
-        Some(pool) => {
-            let active = pool.is_active().unwrap_or(false);
-            let path = lv.pool_directory(&pool, name).ok();
-            let kind = pool
-                .xml_desc(0)
-                .ok()
-                .and_then(|x| Element::parse(&x).ok())
-                .and_then(|r| r.attr("type").map(str::to_string))
-                .unwrap_or_default();
+        Some(PoolFacts {
+            kind,
+            active,
+            autostart,
+            directory: path,
+            available,
+        }) => {
+            let active = *active;
             let at = path.as_deref().unwrap_or("?");
             if kind != "dir" {
                 out.push(Finding::error(
@@ -200,8 +185,7 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
                     "the CPI keeps its volumes as files of a dir pool: name a dir pool in pool.name",
                 ));
             } else if active {
-                let autostart = pool.autostart().unwrap_or(false);
-                if autostart {
+                if *autostart {
                     out.push(Finding::ok(
                         "pool",
                         format!("storage pool '{name}' active at {at}"),
@@ -234,12 +218,10 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
                     ));
                 }
             }
-            if active {
-                if let Ok(info) = pool.info() {
-                    out.push(free_space(name, info.available, "the pool"));
-                }
+            if let Some(free) = available {
+                out.push(free_space(name, *free, "the pool"));
             }
-            path.map(PathBuf::from)
+            path.as_ref().map(PathBuf::from)
         }
     };
     // An existing pool's directory that this machine cannot see: the host is
@@ -249,7 +231,7 @@ fn pool(lv: &Libvirt, config: &Config, local: bool) -> Vec<Finding> {
         if !visible(&dir) {
             return out;
         }
-        if let Some(f) = qemu_can_reach(lv, config.libvirt.domain_type, &dir) {
+        if let Some(f) = qemu_can_reach(facts.qemu_user, &dir) {
             out.push(f);
         }
     }
@@ -330,28 +312,10 @@ fn free_space(name: &str, free: u64, place: &str) -> Finding {
     }
 }
 
-/// QEMU opens the images in the pool as its own user (libvirt's DAC label,
-/// in the host capabilities' `<secmodel><model>dac</model><baselabel
-/// type='kvm'>+UID:+GID</baselabel>`): every directory above the images must
-/// let that user through.
-fn qemu_can_reach(lv: &Libvirt, kind: DomainType, dir: &Path) -> Option<Finding> {
-    let caps = lv.conn().capabilities().ok()?;
-    let root = Element::parse(&caps).ok()?;
-    let label = root
-        .child("host")?
-        .children_named("secmodel")
-        .find_map(|m| {
-            (m.text_at(&["model"]) == Some("dac"))
-                .then(|| {
-                    m.children_named("baselabel")
-                        .find(|b| b.attr("type") == Some(kind.as_str()))
-                        .map(|b| b.text_trimmed().to_string())
-                })
-                .flatten()
-        })?;
-    let (uid, gid) = label.split_once(':')?;
-    let uid: u32 = uid.trim_start_matches('+').parse().ok()?;
-    let gid: u32 = gid.trim_start_matches('+').parse().ok()?;
+/// QEMU opens the images in the pool as its own user: every directory
+/// above the images must let that user through.
+fn qemu_can_reach(qemu_user: Option<(u32, u32)>, dir: &Path) -> Option<Finding> {
+    let (uid, gid) = qemu_user?;
     if uid == 0 {
         return Some(Finding::ok(
             "pool.qemu_access",
@@ -386,16 +350,16 @@ fn qemu_can_reach(lv: &Libvirt, kind: DomainType, dir: &Path) -> Option<Finding>
     ))
 }
 
-fn network(lv: &Libvirt, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
+fn network(facts: &HostFacts, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
     let cfg = &config.network;
     let name = &cfg.name;
     let mut out = Vec::new();
-    let found = match lv.find_network(name) {
+    let found = match &facts.network {
         Ok(n) => n,
         Err(e) => {
             out.push(Finding::error(
                 "network",
-                e.message,
+                e,
                 "check the connection's permissions",
             ));
             return out;
@@ -415,7 +379,7 @@ fn network(lv: &Libvirt, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
             let Ok(subnet) = parse_subnet(subnet) else {
                 return out;
             };
-            match clashing_network(lv, &subnet) {
+            match clashing_network(&facts.subnets, &subnet) {
                 Some(other) => out.push(Finding::error(
                     "network",
                     format!("libvirt network '{name}' does not exist, and the CPI cannot create it on {subnet}: libvirt network '{other}' uses an overlapping subnet"),
@@ -426,20 +390,19 @@ fn network(lv: &Libvirt, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
                     format!("libvirt network '{name}' does not exist; the CPI creates it on first use as a NAT network on {subnet}"),
                 )),
             }
-            match NetworkInfo::from_xml(&nat_network_xml(name, &subnet)) {
-                Ok(info) => info,
-                Err(_) => return out,
+            match &facts.planned_network {
+                Some(info) => info,
+                None => return out,
             }
         }
         (Some(net), subnet) => {
-            let active = net.is_active().unwrap_or(false);
-            let autostart = net.autostart().unwrap_or(false);
-            let info = match lv.network_info(&net, name) {
+            let (active, autostart) = (net.active, net.autostart);
+            let info = match &net.ipv4 {
                 Ok(i) => i,
                 Err(e) => {
                     out.push(Finding::error(
                         "network",
-                        e.message,
+                        e,
                         "check the network's definition (virsh net-dumpxml)",
                     ));
                     return out;
@@ -487,30 +450,22 @@ fn network(lv: &Libvirt, config: &Config, statics: &[IpRange]) -> Vec<Finding> {
             info
         }
     };
-    out.push(dhcp_vs_statics(name, &info, config, statics));
+    out.push(dhcp_vs_statics(name, info, config, statics));
     out
 }
 
 /// Another network whose IPv4 subnet overlaps `subnet`: libvirt refuses to
 /// start a second one on it.
-fn clashing_network(lv: &Libvirt, subnet: &Ipv4Net) -> Option<String> {
-    let nets = lv.conn().list_all_networks(0).ok()?;
-    nets.iter().find_map(|n| {
-        let info = NetworkInfo::from_xml(&n.xml_desc(0).ok()?).ok()?;
-        let other = info.subnet?;
-        (other.contains(&subnet.network()) || subnet.contains(&other.network()))
-            .then_some(info.name)
-    })
+fn clashing_network(subnets: &[(String, Ipv4Net)], subnet: &Ipv4Net) -> Option<String> {
+    subnets
+        .iter()
+        .find(|(_, other)| other.contains(&subnet.network()) || subnet.contains(&other.network()))
+        .map(|(name, _)| name.clone())
 }
 
 /// The static IPs the operator named (and the director's own address in
 /// agent.mbus) against the network: inside its subnet, outside its DHCP range.
-fn dhcp_vs_statics(
-    name: &str,
-    info: &NetworkInfo,
-    config: &Config,
-    statics: &[IpRange],
-) -> Finding {
+fn dhcp_vs_statics(name: &str, info: &Ipv4Facts, config: &Config, statics: &[IpRange]) -> Finding {
     let check = "network.dhcp";
     let mut statics: Vec<(IpRange, String)> = statics
         .iter()
@@ -590,7 +545,6 @@ fn mbus_ip(mbus: &str) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     #[test]
     fn mbus_addresses() {
         assert_eq!(

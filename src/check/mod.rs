@@ -10,6 +10,8 @@
 //! Exit status: 0 without errors, 1 with at least one, 2 for a bad command line.
 
 pub mod host;
+#[cfg(test)]
+mod host_tests;
 pub mod material;
 
 use std::ffi::OsString;
@@ -187,7 +189,8 @@ pub fn run(opts: &Options) -> Vec<Finding> {
     };
     out.extend(transport(&config, &uri));
     out.extend(material::check(&uri, SystemTime::now()));
-    out.extend(host::check(&config, &uri, &opts.statics));
+    let facts = crate::libvirt::inspect::inspect(&config);
+    out.extend(host::check(&config, &uri, &opts.statics, facts));
     out
 }
 

@@ -13,6 +13,10 @@ mod holder;
 pub mod info;
 mod snapshot;
 mod stemcell;
+mod stemcell_delete;
+mod stemcell_sweep;
+#[cfg(test)]
+mod stemcell_tests;
 mod sweep;
 mod vm;
 
@@ -65,7 +69,7 @@ impl<'a> Call<'a> {
         Ok((lv, &mut *self.log, self.config))
     }
 
-    /// The disk host (connecting on first use) and the logger.
+    /// The disk and stemcell host (connecting on first use) and the logger.
     pub fn disks(&mut self) -> (LibvirtDisks<'_>, &mut Logger) {
         (
             LibvirtDisks::new(&self.libvirt, self.config),
@@ -163,8 +167,14 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
         Method::CreateStemcell {
             image_path,
             cloud_properties,
-        } => stemcell::create_stemcell(call, &image_path, &cloud_properties),
-        Method::DeleteStemcell { stemcell_cid } => stemcell::delete_stemcell(call, &stemcell_cid),
+        } => {
+            let (host, log) = call.disks();
+            stemcell::create_stemcell(&host, log, &image_path, &cloud_properties)
+        }
+        Method::DeleteStemcell { stemcell_cid } => {
+            let (host, log) = call.disks();
+            stemcell_delete::delete_stemcell(&host, log, &stemcell_cid)
+        }
         Method::CurrentVmId => Err(CpiError::not_implemented(
             "current_vm_id is not implemented: the CPI does not run inside a VM it manages",
         )),

@@ -1,35 +1,28 @@
-//! `create_stemcell` and `delete_stemcell`.
+//! `create_stemcell` (`delete_stemcell` is in stemcell_delete.rs, the sweep of
+//! killed imports in stemcell_sweep.rs).
 //!
 //! Import pipeline: a reader thread gunzips and untars `root.img` in flight
 //! (image::archive) into a bounded channel; this thread judges the first
 //! bytes (image::inspect) before any volume exists, then creates the volume
-//! and streams the rest into libvirt's upload (sparse for raw images), checks
-//! the qcow2 tables as they pass, verifies what libvirt holds, and only then
+//! and streams the rest into the host's upload (sparse for raw images), checks
+//! the qcow2 tables as they pass, verifies what the host holds, and only then
 //! writes the completion marker `sc-<uuid>.meta`. Any failure after the volume
 //! was created deletes it again; a killed process leaves a marker-less volume
 //! that no caller accepts and the next import sweeps.
-//!
-//! A stemcell that still backs a VM's root disk is not deleted: the call
-//! fails naming the VMs (deleting the file under a running overlay would
-//! break those VMs, and deferring the deletion would need state outside
-//! libvirt).
 
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use serde_json::Value;
-use virt::storage_pool::StoragePool;
 
-use super::Call;
+use super::stemcell_sweep::sweep_partial_imports;
 use crate::error::{CpiError, ErrorKind, Result};
+use crate::host::{StemcellHost, MIB};
 use crate::image::archive::{self, Container, Event};
 use crate::image::{self, DiskFormat, Qcow2Walk, RootImage, Segment, PREFIX_LEN};
-use crate::libvirt::stemcell::PARTIAL_MAX_AGE_SECS;
-use crate::libvirt::volume::MIB;
-use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Object;
-use crate::names::{is_stemcell_cid, is_vm_cid, marker_name, new_stemcell_cid};
+use crate::names::{marker_name, new_stemcell_cid};
 use crate::records::StemcellRecord;
 
 /// Chunks of root.img in flight between the reader thread and the upload:
@@ -44,20 +37,18 @@ const DEPTH: usize = 8;
 /// that hits ENOSPC kills libvirtd 11.3 (double free), and small writes into a
 /// full pool are confirmed as if they had landed.
 const SPACE_STEP: u64 = 128 * MIB;
-const SPACE_MARGIN: u64 = 8 * MIB;
+pub(super) const SPACE_MARGIN: u64 = 8 * MIB;
 
 pub fn create_stemcell(
-    call: &mut Call,
+    host: &dyn StemcellHost,
+    log: &mut Logger,
     image_path: &str,
     cloud_properties: &Object,
 ) -> Result<Value> {
     let declared = declared_format(cloud_properties)?;
-    let (lv, log, config) = call.parts()?;
-    let pool = lv.pool(&config.pool)?;
     let cid = new_stemcell_cid();
     let import = Import {
-        lv,
-        pool: &pool,
+        host,
         cid: &cid,
         image_path,
         declared,
@@ -70,74 +61,9 @@ pub fn create_stemcell(
         done.virtual_size >> 20,
         done.image_size,
         done.container.describe(),
-        config.pool.name
+        host.pool_name()
     ));
     Ok(Value::String(cid))
-}
-
-pub fn delete_stemcell(call: &mut Call, cid: &str) -> Result<Value> {
-    if !is_stemcell_cid(cid) {
-        call.log.summary(format!(
-            "{cid} is not a stemcell CID of this CPI: nothing to delete"
-        ));
-        return Ok(Value::Null);
-    }
-    let (lv, log, config) = call.parts()?;
-    let pool = lv.pool(&config.pool)?;
-    let in_use = |users: Vec<String>| {
-        let names: Vec<String> = users.iter().map(|v| user_name(v)).collect();
-        CpiError::cloud(format!(
-            "stemcell {cid} is still in use: it backs the root disk of {}; delete those VMs first",
-            names.join(", ")
-        ))
-    };
-    let image_path = match lv.find_volume(&pool, cid)? {
-        Some(vol) => Some(lv.volume_path(&vol, cid)?),
-        None => None,
-    };
-    let marker_doc = match &image_path {
-        Some(path) => {
-            let users = lv.volumes_backed_by(&pool, path)?;
-            if !users.is_empty() {
-                return Err(in_use(users));
-            }
-            // Kept as it is (any fields), to be put back unchanged.
-            lv.read_json_volume::<Value>(&pool, &marker_name(cid))
-                .ok()
-                .flatten()
-        }
-        None => None,
-    };
-    // Marker first: from then on the stemcell is incomplete, and a crash
-    // before the image goes leaves a leftover the sweep removes.
-    let marker = lv.delete_volume(&pool, &marker_name(cid))?;
-    // A create_vm that found the marker before it went may have made its
-    // overlay since (it re-checks the marker after making it): look again,
-    // and put the marker back if it did.
-    if let Some(path) = &image_path {
-        let users = lv.volumes_backed_by(&pool, path)?;
-        if !users.is_empty() {
-            if let Some(doc) = &marker_doc {
-                lv.write_json_volume(&pool, &marker_name(cid), doc)?;
-            }
-            return Err(in_use(users));
-        }
-    }
-    let image = lv.delete_volume(&pool, cid)?;
-    log.summary(match (marker, image) {
-        (_, true) => format!("deleted stemcell {cid}"),
-        (true, false) => format!("{cid} had a marker but no image; marker deleted"),
-        (false, false) => format!("stemcell {cid} does not exist: nothing to delete"),
-    });
-    Ok(Value::Null)
-}
-
-/// `vm-<uuid>-root` -> `vm-<uuid>`; any other volume by its name.
-fn user_name(volume: &str) -> String {
-    match volume.get(..39) {
-        Some(vm) if is_vm_cid(vm) => vm.to_string(),
-        _ => format!("volume {volume}"),
-    }
 }
 
 fn declared_format(cloud_properties: &Object) -> Result<Option<DiskFormat>> {
@@ -155,8 +81,7 @@ fn declared_format(cloud_properties: &Object) -> Result<Option<DiskFormat>> {
 }
 
 struct Import<'a> {
-    lv: &'a Libvirt,
-    pool: &'a StoragePool,
+    host: &'a dyn StemcellHost,
     cid: &'a str,
     image_path: &'a str,
     declared: Option<DiskFormat>,
@@ -274,16 +199,17 @@ impl Import<'_> {
             DiskFormat::Raw => root.image_size.min(SPACE_STEP),
         };
         self.ensure_space(first_need)?;
-        let vol = self
-            .lv
-            .create_volume(self.pool, self.cid, root.virtual_size, root.format)?;
+        self.host
+            .create_volume(self.cid, root.virtual_size, root.format)?;
         log.info(format!(
             "created {} volume {} ({} bytes virtual)",
             root.format, self.cid, root.virtual_size
         ));
+        // Best effort: leftovers of killed imports go, judged by the host's
+        // clock as read from the volume just created.
+        sweep_partial_imports(self.host, log, self.cid);
         let outcome = self
-            .sweep(&vol, log)
-            .and_then(|()| self.upload(&vol, &root, held, ended, &chunks))
+            .upload(&root, held, ended, &chunks)
             .and_then(|()| self.verify(&root))
             .and_then(|()| self.write_marker(&root, container));
         if let Err(e) = outcome {
@@ -297,35 +223,8 @@ impl Import<'_> {
         })
     }
 
-    /// Best effort: leftovers of killed imports go, judged by the host's
-    /// clock as read from the volume we just created.
-    fn sweep(&self, vol: &virt::storage_vol::StorageVol, log: &mut Logger) -> Result<()> {
-        let host_now = match self.lv.volume_facts(vol, self.cid) {
-            Ok(f) => f.mtime,
-            Err(e) => {
-                log.warn(format!("not sweeping stemcell leftovers: {}", e.message));
-                None
-            }
-        };
-        if let Some(now) = host_now {
-            match self
-                .lv
-                .sweep_partial_stemcells(self.pool, now, PARTIAL_MAX_AGE_SECS, self.cid)
-            {
-                Ok(removed) if !removed.is_empty() => log.info(format!(
-                    "removed leftovers of interrupted stemcell imports: {}",
-                    removed.join(", ")
-                )),
-                Ok(_) => {}
-                Err(e) => log.warn(format!("sweeping stemcell leftovers: {}", e.message)),
-            }
-        }
-        Ok(())
-    }
-
     fn upload(
         &self,
-        vol: &virt::storage_vol::StorageVol,
         root: &RootImage,
         held: Vec<Vec<u8>>,
         ended: bool,
@@ -334,8 +233,8 @@ impl Import<'_> {
         let doing = format!("uploading stemcell image to volume {}", self.cid);
         let sparse = root.format == DiskFormat::Raw;
         let mut up = self
-            .lv
-            .start_upload(vol, root.image_size, sparse)
+            .host
+            .start_upload(self.cid, root.image_size, sparse)
             .map_err(|e| e.context(&doing))?;
         let mut walk = root
             .qcow2
@@ -407,7 +306,7 @@ impl Import<'_> {
     /// Fails with NoDiskSpace, before anything is written, when the pool
     /// cannot take `need` more bytes with `SPACE_MARGIN` to spare.
     fn ensure_space(&self, need: u64) -> Result<()> {
-        let free = self.lv.pool_available(self.pool)?;
+        let free = self.host.available_bytes()?;
         if free < need.saturating_add(SPACE_MARGIN) {
             return Err(CpiError::new(
                 ErrorKind::NoDiskSpace,
@@ -426,13 +325,13 @@ impl Import<'_> {
     /// What libvirt now holds must be what we meant to import.
     fn verify(&self, root: &RootImage) -> Result<()> {
         let doing = format!("verifying volume {} after the upload", self.cid);
-        let vol = self.lv.find_volume(self.pool, self.cid)?.ok_or_else(|| {
-            CpiError::cloud(format!("{doing}: the volume disappeared during the upload"))
-        })?;
         let facts = self
-            .lv
-            .volume_facts(&vol, self.cid)
-            .map_err(|e| e.context(&doing))?;
+            .host
+            .volume(self.cid)
+            .map_err(|e| e.context(&doing))?
+            .ok_or_else(|| {
+                CpiError::cloud(format!("{doing}: the volume disappeared during the upload"))
+            })?;
         let mut wrong = Vec::new();
         if facts.format.as_deref() != Some(root.format.as_str()) {
             wrong.push(format!(
@@ -475,9 +374,7 @@ impl Import<'_> {
         };
         let bytes = serde_json::to_vec(&meta)
             .map_err(|e| CpiError::cloud(format!("encoding the stemcell marker: {e}")))?;
-        self.lv
-            .create_volume_with(self.pool, &marker_name(self.cid), &bytes)
-            .map(|_| ())
+        self.host.create_volume_with(&marker_name(self.cid), &bytes)
     }
 
     /// Removes what this import created; the original error stays the
@@ -485,7 +382,7 @@ impl Import<'_> {
     fn clean_up(&self, error: CpiError, log: &mut Logger) -> CpiError {
         let mut problems = Vec::new();
         for name in [marker_name(self.cid), self.cid.to_string()] {
-            if let Err(e) = self.lv.delete_volume(self.pool, &name) {
+            if let Err(e) = self.host.delete_volume(&name) {
                 problems.push(e.message);
             }
         }
@@ -508,18 +405,6 @@ impl Import<'_> {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn overlay_users_are_named_by_vm() {
-        assert_eq!(
-            user_name("vm-8d2f6a10-7c3e-4b59-a1d4-93e0f5b2c7aa-root"),
-            "vm-8d2f6a10-7c3e-4b59-a1d4-93e0f5b2c7aa"
-        );
-        assert_eq!(
-            user_name("someone-elses.qcow2"),
-            "volume someone-elses.qcow2"
-        );
-    }
 
     #[test]
     fn declared_formats() {

@@ -16,6 +16,8 @@ use crate::host::{
     DiskAttachment, DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts,
 };
 
+mod stemcells;
+
 pub const POOL: &str = "fake-pool";
 
 struct Volume {
@@ -39,6 +41,7 @@ struct State {
     calls: Vec<String>,
     /// What a killed hot-plug left in QEMU, by VM (see remove_orphan_block_nodes).
     orphans: BTreeMap<String, String>,
+    stemcells: stemcells::State,
 }
 
 pub struct FakeHost {

@@ -44,7 +44,7 @@ impl<'a> LibvirtDisks<'a> {
     }
 
     /// The connection, opened on first use.
-    fn libvirt(&self) -> Result<&'a Libvirt> {
+    pub(super) fn libvirt(&self) -> Result<&'a Libvirt> {
         connect(self.conn, &self.config.libvirt_uri())
     }
 
@@ -57,7 +57,7 @@ impl<'a> LibvirtDisks<'a> {
         Ok(self.pool.get_or_init(|| pool))
     }
 
-    fn parts(&self) -> Result<(&'a Libvirt, &StoragePool)> {
+    pub(super) fn parts(&self) -> Result<(&'a Libvirt, &StoragePool)> {
         Ok((self.libvirt()?, self.pool()?))
     }
 
@@ -67,7 +67,7 @@ impl<'a> LibvirtDisks<'a> {
             .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))
     }
 
-    fn existing(&self, name: &str, doing: &str) -> Result<StorageVol> {
+    pub(super) fn existing(&self, name: &str, doing: &str) -> Result<StorageVol> {
         let (lv, pool) = self.parts()?;
         lv.find_volume(pool, name)?
             .ok_or_else(|| CpiError::cloud(format!("{doing} volume {name}: it does not exist")))

@@ -8,10 +8,12 @@
 pub mod disk;
 pub mod domain;
 pub mod host;
+pub mod inspect;
 pub mod network;
 pub mod orphan_nodes;
 pub mod pool;
 pub mod stemcell;
+mod stemcell_host;
 pub mod upload;
 pub mod volume;
 pub mod xmltree;

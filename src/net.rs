@@ -32,17 +32,18 @@ pub fn nth_address(subnet: &Ipv4Net, n: u32) -> Option<Ipv4Addr> {
     subnet.contains(&addr).then_some(addr)
 }
 
-/// The addresses DHCP hands out on the CPI's NAT network (and the fake's): the upper half of
-/// the subnet without its broadcast address (and never the host's `.1`).
-/// None for a /31 or /32, which have no room for a host, DHCP and manual IPs.
+/// The addresses DHCP hands out on the CPI's NAT network (and the fake
+/// host's): the upper half of the subnet without its broadcast address, so
+/// never the host's `.1`. None for a /31 or /32, which have no room for a
+/// host, DHCP and manual IPs.
 pub fn dhcp_range(subnet: &Ipv4Net) -> Option<(Ipv4Addr, Ipv4Addr)> {
     if subnet.prefix_len() > 30 {
         return None;
     }
+    // From a /30 up the upper half starts at .2 or above.
     let upper = subnet.subnets(subnet.prefix_len() + 1).ok()?.nth(1)?;
-    let start = upper.network().max(nth_address(subnet, 2)?);
     let end = Ipv4Addr::from(u32::from(subnet.broadcast()) - 1);
-    Some((start, end))
+    Some((upper.network(), end))
 }
 
 #[cfg(test)]
@@ -68,6 +69,23 @@ mod tests {
             parse_subnet("10.0.0.6/30").unwrap().to_string(),
             "10.0.0.4/30"
         );
+    }
+
+    #[test]
+    fn dhcp_range_at_the_edges() {
+        let range = |s: &str| dhcp_range(&s.parse().unwrap());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            range("10.0.0.0/24"),
+            Some((ip("10.0.0.128"), ip("10.0.0.254")))
+        );
+        assert_eq!(range("10.0.0.4/30"), Some((ip("10.0.0.6"), ip("10.0.0.6"))));
+        assert_eq!(
+            range("0.0.0.0/0"),
+            Some((ip("128.0.0.0"), ip("255.255.255.254")))
+        );
+        assert_eq!(range("10.0.0.2/31"), None);
+        assert_eq!(range("255.255.255.255/32"), None);
     }
 
     #[test]

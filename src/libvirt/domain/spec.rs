@@ -498,6 +498,16 @@ mod tests {
             lv.set_vm_metadata(&dom, &s.name, &md).unwrap();
             let facts = lv.domain_facts(&dom, &s.name).unwrap();
             assert_eq!(facts.metadata, Some(md), "{v:?}");
+            // Titles are one line (see handlers' title_for); libvirt writes them.
+            let title: String = v
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if !title.is_empty() {
+                lv.set_title(&dom, &s.name, &title).unwrap();
+                let facts = lv.domain_facts(&dom, &s.name).unwrap();
+                assert_eq!(facts.title, Some(title), "{v:?}");
+            }
             dom.undefine().unwrap();
         }
     }

@@ -213,7 +213,7 @@ impl Config {
             }
         }
         if let Some(subnet) = &self.network.subnet {
-            if let Err(e) = crate::net::Ipv4Net::parse(subnet) {
+            if let Err(e) = crate::net::parse_subnet(subnet) {
                 return invalid(format!("network.subnet: {e}"));
             }
         }

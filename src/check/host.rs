@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use super::{Finding, IpRange};
 use crate::config::{Config, DomainType};
 use crate::host::facts::{ConnectFailure, HostFacts, Ipv4Facts, PoolFacts};
-use crate::net::Ipv4Net;
+use crate::net::{parse_subnet, Ipv4Net};
 use crate::uri::{LibvirtUri, Transport};
 
 /// Below this much free space in the pool, a stemcell import (an openstack
@@ -376,7 +376,7 @@ fn network(facts: &HostFacts, config: &Config, statics: &[IpRange]) -> Vec<Findi
         }
         (None, Some(subnet)) => {
             // Validated with the config.
-            let Ok(subnet) = Ipv4Net::parse(subnet) else {
+            let Ok(subnet) = parse_subnet(subnet) else {
                 return out;
             };
             match clashing_network(&facts.subnets, &subnet) {
@@ -434,7 +434,7 @@ fn network(facts: &HostFacts, config: &Config, statics: &[IpRange]) -> Vec<Findi
                     format!("libvirt network '{name}'{on} active"),
                 ));
             }
-            match (subnet.as_deref().map(Ipv4Net::parse), info.subnet) {
+            match (subnet.as_deref().map(parse_subnet), info.subnet) {
                 (Some(Ok(want)), Some(have)) if want != have => out.push(Finding::warning(
                     "network.subnet",
                     format!("network.subnet is {want}, but libvirt network '{name}' is on {have}; the CPI uses the network as it is"),
@@ -459,7 +459,7 @@ fn network(facts: &HostFacts, config: &Config, statics: &[IpRange]) -> Vec<Findi
 fn clashing_network(subnets: &[(String, Ipv4Net)], subnet: &Ipv4Net) -> Option<String> {
     subnets
         .iter()
-        .find(|(_, other)| other.contains(subnet.network) || subnet.contains(other.network))
+        .find(|(_, other)| other.contains(&subnet.network()) || subnet.contains(&other.network()))
         .map(|(name, _)| name.clone())
 }
 
@@ -490,7 +490,7 @@ fn dhcp_vs_statics(name: &str, info: &Ipv4Facts, config: &Config, statics: &[IpR
         return Finding::ok(check, "no IPv4 subnet: nothing to compare static IPs with");
     };
     for (r, from) in &statics {
-        if !subnet.contains(r.first) || !subnet.contains(r.last) {
+        if !subnet.contains(&r.first) || !subnet.contains(&r.last) {
             return Finding::error(
                 check,
                 format!("static {r} ({from}) is not in libvirt network '{name}''s subnet {subnet}"),

@@ -13,7 +13,7 @@ use crate::net::Ipv4Net;
 use crate::uri::LibvirtUri;
 
 fn net(s: &str) -> Ipv4Net {
-    Ipv4Net::parse(s).unwrap()
+    crate::net::parse_subnet(s).unwrap()
 }
 
 fn ip(s: &str) -> Ipv4Addr {

@@ -11,7 +11,7 @@ use super::xmltree::Element;
 use super::{connect_hint, Libvirt};
 use crate::config::Config;
 use crate::host::facts::{ConnectFailure, HostFacts, Ipv4Facts, NetworkFacts, PoolFacts};
-use crate::net::Ipv4Net;
+use crate::net::{parse_subnet, Ipv4Net};
 
 /// Connects as the CPI does and reads the facts; the connection is closed
 /// again when this returns.
@@ -47,7 +47,7 @@ pub fn inspect(config: &Config) -> Result<HostFacts, ConnectFailure> {
         .map(|n| n.map(|n| network(&lv, &n, &config.network.name)))
         .map_err(|e| e.message);
     let planned_network = match (&network, config.network.subnet.as_deref()) {
-        (Ok(None), Some(subnet)) => Ipv4Net::parse(subnet).ok().and_then(|subnet| {
+        (Ok(None), Some(subnet)) => parse_subnet(subnet).ok().and_then(|subnet| {
             NetworkInfo::from_xml(&nat_network_xml(&config.network.name, &subnet))
                 .ok()
                 .map(|i| ipv4(&i))

@@ -18,8 +18,7 @@ pub mod upload;
 mod vm_host;
 pub mod volume;
 pub mod xmltree;
-
-pub use pool::xml_escape;
+pub mod xmlwrite;
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,6 +8,7 @@
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
+use super::xmlwrite::El;
 use super::{lv_error, not_found_as_none, Libvirt};
 use crate::config::PoolConfig;
 use crate::error::{CpiError, Result};
@@ -51,17 +52,11 @@ impl Libvirt {
         )
     }
 
-    /// The directory is 0711: the QEMU user must reach the images in it, but
-    /// nobody needs to list it.
+    /// Defines the pool (see `pool_xml`).
     fn define_pool(&self, cfg: &PoolConfig) -> Result<StoragePool> {
         let name = &cfg.name;
         let path = cfg.path.as_deref().unwrap_or_default();
-        let xml = format!(
-            "<pool type='dir'><name>{}</name><target><path>{}</path>\
-             <permissions><mode>0711</mode></permissions></target></pool>",
-            xml_escape(name),
-            xml_escape(path)
-        );
+        let xml = pool_xml(name, path);
         let pool = match self.conn().define_storage_pool_xml(&xml, 0) {
             Ok(pool) => pool,
             // Lost a race with another CPI defining the same pool.
@@ -104,18 +99,36 @@ impl Libvirt {
     }
 }
 
-/// Escapes text for XML element content and attribute values.
-pub fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
+/// A `dir` pool at `path`, its directory 0711: the QEMU user must reach the
+/// images in it, but nobody needs to list it.
+fn pool_xml(name: &str, path: &str) -> String {
+    El::new("pool")
+        .attr("type", "dir")
+        .text_child("name", name)
+        .child(
+            El::new("target")
+                .text_child("path", path)
+                .child(El::new("permissions").text_child("mode", "0711")),
+        )
+        .to_compact()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::libvirt::xmltree::Element;
+
+    #[test]
+    fn hostile_names_and_paths_stay_values() {
+        for v in crate::libvirt::xmlwrite::HOSTILE {
+            let root = Element::parse(&pool_xml(v, v)).unwrap();
+            assert_eq!(root.child("name").unwrap().text, *v);
+            assert_eq!(root.at(&["target", "path"]).unwrap().text, *v);
+            assert_eq!(root.children.len(), 2);
+            assert_eq!(
+                root.at(&["target", "permissions", "mode"]).unwrap().text,
+                "0711"
+            );
         }
     }
-    out
 }

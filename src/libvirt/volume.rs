@@ -14,7 +14,8 @@ use virt::storage_vol::StorageVol;
 use virt::stream::Stream;
 
 use super::xmltree::Element;
-use super::{is_not_found, lv_error, not_found_as_none, xml_escape, Libvirt};
+use super::xmlwrite::El;
+use super::{is_not_found, lv_error, not_found_as_none, Libvirt};
 use crate::error::{CpiError, ErrorKind, Result};
 pub use crate::image::DiskFormat;
 use crate::names;
@@ -22,14 +23,16 @@ use crate::names;
 pub use crate::host::{VolumeFacts, MIB};
 
 fn volume_xml(name: &str, capacity: u64, format: DiskFormat) -> String {
-    format!(
-        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-         <allocation unit='bytes'>0</allocation><target><format type='{}'/>\
-         <permissions><mode>{}</mode></permissions></target></volume>",
-        xml_escape(name),
-        format.as_str(),
-        volume_mode(name)
-    )
+    El::new("volume")
+        .text_child("name", name)
+        .child(El::new("capacity").attr("unit", "bytes").text(capacity))
+        .child(El::new("allocation").attr("unit", "bytes").text(0))
+        .child(
+            El::new("target")
+                .child(El::new("format").attr("type", format.as_str()))
+                .child(El::new("permissions").text_child("mode", volume_mode(name))),
+        )
+        .to_compact()
 }
 
 /// Stemcells are public OS images that many VMs' overlays read: 0644. Every
@@ -118,13 +121,6 @@ impl Libvirt {
             .map_err(|e| CpiError::cloud(format!("parsing the XML of volume {name}: {e}")))
     }
 
-    /// The volume's size in bytes (one round trip; libvirt refreshes it first).
-    pub fn volume_capacity(&self, vol: &StorageVol, name: &str) -> Result<u64> {
-        vol.info()
-            .map(|i| i.capacity)
-            .map_err(|e| lv_error(format!("reading the size of volume {name}"), e))
-    }
-
     /// Whether the file of volume `name` has not changed for more than
     /// `max_age` seconds before `host_now`, a time read on the libvirt host
     /// (the mtime of a volume the caller just created: no clock skew between
@@ -205,14 +201,16 @@ pub fn overlay_xml(
     backing_format: DiskFormat,
     capacity: u64,
 ) -> String {
-    format!(
-        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-         <target><format type='qcow2'/></target>\
-         <backingStore><path>{}</path><format type='{}'/></backingStore></volume>",
-        xml_escape(name),
-        xml_escape(backing_path),
-        backing_format.as_str()
-    )
+    El::new("volume")
+        .text_child("name", name)
+        .child(El::new("capacity").attr("unit", "bytes").text(capacity))
+        .child(El::new("target").child(El::new("format").attr("type", "qcow2")))
+        .child(
+            El::new("backingStore")
+                .text_child("path", backing_path)
+                .child(El::new("format").attr("type", backing_format.as_str())),
+        )
+        .to_compact()
 }
 
 impl Libvirt {
@@ -436,5 +434,23 @@ mod tests {
         let plain = "<volume><target><format type='raw'/></target><backingStore/></volume>";
         let f = parse_volume_xml(plain).unwrap();
         assert_eq!((f.format.as_deref(), f.backing_path), (Some("raw"), None));
+    }
+
+    #[test]
+    fn hostile_names_and_paths_stay_values() {
+        for v in crate::libvirt::xmlwrite::HOSTILE {
+            let root = Element::parse(&volume_xml(v, 1, DiskFormat::Raw)).unwrap();
+            assert_eq!(root.child("name").unwrap().text, *v);
+            let names: Vec<_> = root.children.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names, ["name", "capacity", "allocation", "target"]);
+            let root = Element::parse(&overlay_xml(v, v, DiskFormat::Raw, 1)).unwrap();
+            assert_eq!(root.child("name").unwrap().text, *v);
+            assert_eq!(root.at(&["backingStore", "path"]).unwrap().text, *v);
+            assert_eq!(
+                root.at(&["backingStore", "format"]).unwrap().attr("type"),
+                Some("raw")
+            );
+            assert_eq!(root.children.len(), 4);
+        }
     }
 }

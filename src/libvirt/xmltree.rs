@@ -1,6 +1,6 @@
 //! A small read-only element tree over libvirt's XML (domain, network and
 //! volume descriptions), enough to pick out devices, attributes and our
-//! metadata element. Writing XML stays with plain `format!` + `xml_escape`.
+//! metadata element. Writing is `xmlwrite`'s.
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;

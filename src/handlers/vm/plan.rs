@@ -178,8 +178,8 @@ pub(super) fn plan_nics(
             })?;
             match (ip, info.subnet) {
                 (IpAddr::V4(ip), Some(subnet)) => {
-                    if !subnet.contains(ip)
-                        || ip == subnet.network
+                    if !subnet.contains(&ip)
+                        || ip == subnet.network()
                         || ip == subnet.broadcast()
                         || Some(ip) == info.host_ip
                     {

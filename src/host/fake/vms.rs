@@ -17,7 +17,6 @@ use crate::host::{
     RebootOutcome, Released, ReservationFilter, VmHost, VmMetadata,
 };
 use crate::names;
-use crate::net::Ipv4Net;
 use crate::vm_spec::{CpuMode, DiskOptions, Firmware, NicSource};
 
 /// One defined VM.
@@ -154,14 +153,13 @@ impl FakeHost {
 }
 
 fn nat_network(name: &str, cidr: &str) -> NetworkInfo {
-    let subnet = Ipv4Net::parse(cidr).expect("a CIDR");
-    let size = 1u32 << (32 - subnet.prefix);
+    let subnet = crate::net::parse_subnet(cidr).expect("a CIDR");
     NetworkInfo {
         name: name.to_string(),
         subnet: Some(subnet),
-        host_ip: Some(subnet.host(1)),
+        host_ip: crate::net::nth_address(&subnet, 1),
         dhcp: true,
-        dhcp_ranges: vec![(subnet.host((size / 2).max(2)), subnet.host(size - 2))],
+        dhcp_ranges: crate::net::dhcp_range(&subnet).into_iter().collect(),
         hosts: Vec::new(),
         ipv6: None,
     }

@@ -5,32 +5,12 @@
 
 use serde_json::{json, Value};
 
-use super::create::{create_vm, CreateVm};
 use super::test_support::*;
 use crate::creator::Creator;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::host::fake::{FakeHost, POOL};
 use crate::host::{DhcpHost, DiskDevice, DiskHost, VmMetadata};
-use crate::method::Object;
 use crate::names;
-
-fn create_with(host: &FakeHost, networks: Value, cp: Value, api: Option<u64>) -> Result<Value> {
-    let (networks, cp): (Object, Object) = (obj(networks), obj(cp));
-    create_vm(
-        host,
-        &mut log(),
-        &config(),
-        CreateVm {
-            agent_id: "agent-1",
-            stemcell_cid: SC,
-            cloud_properties: &cp,
-            networks: &networks,
-            disk_cids: &[],
-            env: &json!({}),
-            stemcell_api: api,
-        },
-    )
-}
 
 /// create_vm with one manual network at `ip` and a 1 GiB ephemeral disk.
 fn create(host: &FakeHost, ip: &str) -> Result<Value> {

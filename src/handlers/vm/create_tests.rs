@@ -5,37 +5,27 @@
 
 use serde_json::{json, Value};
 
-use super::create::{create_vm, CreateVm};
 use super::test_support::*;
 use crate::creator::Creator;
 use crate::error::{CpiError, ErrorKind, Result};
 use crate::host::fake::{FakeHost, POOL};
 use crate::host::{DhcpHost, DiskDevice, DiskHost, VmMetadata};
-use crate::method::Object;
 use crate::names;
-
-fn create_with(host: &FakeHost, networks: Value, cp: Value, api: Option<u64>) -> Result<Value> {
-    let (networks, cp): (Object, Object) = (obj(networks), obj(cp));
-    create_vm(
-        host,
-        &mut log(),
-        &config(),
-        CreateVm {
-            agent_id: "agent-1",
-            stemcell_cid: SC,
-            cloud_properties: &cp,
-            networks: &networks,
-            disk_cids: &[],
-            env: &json!({}),
-            stemcell_api: api,
-        },
-    )
-}
 
 /// create_vm with one manual network at `ip` and a 1 GiB ephemeral disk.
 fn create(host: &FakeHost, ip: &str) -> Result<Value> {
     create_with(host, manual(ip), json!({"ephemeral_disk": 1024}), Some(3))
 }
+
+/// The undo of a create that made everything before its failure, newest first.
+const UNDO_ALL: [&str; 6] = [
+    "delete_volume iso",
+    "delete_volume ephemeral",
+    "delete_volume root",
+    "release",
+    "destroy_vm",
+    "undefine_vm",
+];
 
 fn failure(r: Result<Value>) -> CpiError {
     let e = r.expect_err("create_vm should fail");
@@ -263,17 +253,7 @@ fn a_failed_config_drive_is_itself_undone_with_everything_before_it() {
     host.fail_next("create_volume_with", retryable("uploading: stream error"));
     let e = failure(create(&host, "10.0.16.10"));
     assert!(e.ok_to_retry);
-    assert_eq!(
-        undo_calls(&host),
-        vec![
-            "delete_volume iso",
-            "delete_volume ephemeral",
-            "delete_volume root",
-            "release",
-            "destroy_vm",
-            "undefine_vm"
-        ]
-    );
+    assert_eq!(undo_calls(&host), UNDO_ALL);
     assert_nothing_left(&host);
 }
 
@@ -284,17 +264,7 @@ fn a_failed_start_undoes_everything() {
     let e = failure(create(&host, "10.0.16.10"));
     assert!(!e.ok_to_retry);
     assert!(e.message.contains("no KVM"), "{}", e.message);
-    assert_eq!(
-        undo_calls(&host),
-        vec![
-            "delete_volume iso",
-            "delete_volume ephemeral",
-            "delete_volume root",
-            "release",
-            "destroy_vm",
-            "undefine_vm"
-        ]
-    );
+    assert_eq!(undo_calls(&host), UNDO_ALL);
     assert_nothing_left(&host);
 }
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::create::{create_vm, CreateVm};
 use super::delete::delete_vm;
 use super::ops::{has_vm, reboot_vm, set_vm_metadata};
 use super::test_support::*;
@@ -17,23 +16,11 @@ use crate::names;
 /// A VM as create_vm makes it (manual IP 10.0.16.10, ephemeral disk), the
 /// call log cleared of its making.
 fn made_vm(host: &FakeHost) -> String {
-    let (networks, cp) = (
-        obj(manual("10.0.16.10")),
-        obj(json!({"ephemeral_disk": 64})),
-    );
-    let out = create_vm(
+    let out = create_with(
         host,
-        &mut log(),
-        &config(),
-        CreateVm {
-            agent_id: "agent-1",
-            stemcell_cid: SC,
-            cloud_properties: &cp,
-            networks: &networks,
-            disk_cids: &[],
-            env: &json!({}),
-            stemcell_api: Some(3),
-        },
+        manual("10.0.16.10"),
+        json!({"ephemeral_disk": 64}),
+        Some(3),
     )
     .expect("create_vm");
     out[0].as_str().unwrap().to_string()

@@ -3,7 +3,9 @@
 
 use serde_json::{json, Map, Value};
 
+use super::create::{create_vm, CreateVm};
 use crate::config::Config;
+use crate::error::Result;
 use crate::host::fake::FakeHost;
 use crate::host::DhcpHost;
 use crate::log::Logger;
@@ -53,4 +55,24 @@ pub fn entry(mac: &str, name: &str, ip: &str) -> DhcpHost {
         name: Some(name.into()),
         ip: Some(ip.into()),
     }
+}
+
+/// create_vm of agent-1 on `SC` with these networks and cloud_properties,
+/// as a caller of stemcell API `api` asks.
+pub fn create_with(host: &FakeHost, networks: Value, cp: Value, api: Option<u64>) -> Result<Value> {
+    let (networks, cp): (Object, Object) = (obj(networks), obj(cp));
+    create_vm(
+        host,
+        &mut log(),
+        &config(),
+        CreateVm {
+            agent_id: "agent-1",
+            stemcell_cid: SC,
+            cloud_properties: &cp,
+            networks: &networks,
+            disk_cids: &[],
+            env: &json!({}),
+            stemcell_api: api,
+        },
+    )
 }

@@ -1,6 +1,7 @@
 //! CPI method handlers: one exhaustive match from `Method` to the function that
-//! does it. Handlers get a `Call`, which carries the config, the logger and a
-//! libvirt connection opened on first use (so `info` never touches libvirt).
+//! does it, with the host seam (`LibvirtHost`, connecting on first use, so
+//! `info` and every request a handler refuses by itself never touch libvirt),
+//! the config and the logger.
 
 mod attach;
 #[cfg(test)]
@@ -28,7 +29,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::envelope::Request;
 use crate::error::{CpiError, Result};
-use crate::libvirt::host::LibvirtDisks;
+use crate::libvirt::host::LibvirtHost;
 use crate::libvirt::Libvirt;
 use crate::log::Logger;
 use crate::method::Method;
@@ -50,19 +51,16 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// The host, for disks, stemcells and VMs (connecting on first use), and the logger.
-    pub fn disks(&mut self) -> (LibvirtDisks<'_>, &mut Logger) {
-        (
-            LibvirtDisks::new(&self.libvirt, self.config),
-            &mut *self.log,
-        )
+    /// The host of disks, stemcells and VMs (connecting on first use), and the logger.
+    pub fn host(&mut self) -> (LibvirtHost<'_>, &mut Logger) {
+        (LibvirtHost::new(&self.libvirt, self.config), &mut *self.log)
     }
 }
 
 pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
     match method {
         Method::Info => info::info(call.config),
-        Method::HasVm { vm_cid } => vm::has_vm(&call.disks().0, &vm_cid),
+        Method::HasVm { vm_cid } => vm::has_vm(&call.host().0, &vm_cid),
         Method::CreateVm {
             agent_id,
             stemcell_cid,
@@ -79,7 +77,7 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
                 .and_then(|v| v.pointer("/stemcell/api_version"))
                 .and_then(Value::as_u64);
             let config = call.config;
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             let args = vm::CreateVm {
                 agent_id: &agent_id,
                 stemcell_cid: &stemcell_cid,
@@ -99,16 +97,16 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             })
         }
         Method::DeleteVm { vm_cid } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             vm::delete_vm(&host, log, &vm_cid)
         }
         Method::RebootVm { vm_cid } => {
             let grace = Duration::from_secs(call.config.reboot_grace_seconds);
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             vm::reboot_vm(&host, log, &vm_cid, grace)
         }
         Method::SetVmMetadata { vm_cid, metadata } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             vm::set_vm_metadata(&host, log, &vm_cid, &metadata)
         }
         Method::CalculateVmCloudProperties {
@@ -121,7 +119,7 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             cloud_properties,
             vm_locality,
         } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             disk::create_disk(
                 &host,
                 log,
@@ -131,13 +129,13 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             )
         }
         Method::DeleteDisk { disk_cid } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             disk::delete_disk(&host, log, &disk_cid)
         }
-        Method::HasDisk { disk_cid } => disk::has_disk(&call.disks().0, &disk_cid),
+        Method::HasDisk { disk_cid } => disk::has_disk(&call.host().0, &disk_cid),
         Method::AttachDisk { vm_cid, disk_cid } => {
             let v1 = call.request.wants_v1_shapes();
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             // v1 callers get null, not the disk hint (cpi-contract.md 1.4).
             attach::attach_disk(&host, log, &vm_cid, &disk_cid).map(|hint| {
                 if v1 {
@@ -148,39 +146,39 @@ pub fn dispatch(method: Method, call: &mut Call) -> Result<Value> {
             })
         }
         Method::DetachDisk { vm_cid, disk_cid } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             attach::detach_disk(&host, log, &vm_cid, &disk_cid)
         }
-        Method::GetDisks { vm_cid } => disk::get_disks(&call.disks().0, &vm_cid),
+        Method::GetDisks { vm_cid } => disk::get_disks(&call.host().0, &vm_cid),
         Method::ResizeDisk {
             disk_cid,
             new_size_mib,
         } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             disk::resize_disk(&host, log, &disk_cid, new_size_mib)
         }
         Method::UpdateDisk { disk_cid, .. } => disk::update_disk(call.log, &disk_cid),
         Method::SetDiskMetadata { disk_cid, metadata } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             disk::set_disk_metadata(&host, log, &disk_cid, &metadata)
         }
         Method::SnapshotDisk { disk_cid, metadata } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             snapshot::snapshot_disk(&host, log, &disk_cid, &metadata)
         }
         Method::DeleteSnapshot { snapshot_cid } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             snapshot::delete_snapshot(&host, log, &snapshot_cid)
         }
         Method::CreateStemcell {
             image_path,
             cloud_properties,
         } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             stemcell::create_stemcell(&host, log, &image_path, &cloud_properties)
         }
         Method::DeleteStemcell { stemcell_cid } => {
-            let (host, log) = call.disks();
+            let (host, log) = call.host();
             stemcell_delete::delete_stemcell(&host, log, &stemcell_cid)
         }
         Method::CurrentVmId => Err(CpiError::not_implemented(

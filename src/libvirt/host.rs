@@ -1,5 +1,7 @@
-//! `DiskHost` over a libvirt connection and the configured pool, both opened
-//! on first use (so a handler that decides without the host never connects).
+//! The host seam over a libvirt connection and the configured pool, both
+//! opened on first use (so a handler that decides without the host never
+//! connects): `DiskHost` here, `StemcellHost` in stemcell_host.rs, `VmHost`
+//! in vm_host.rs, all on the one `LibvirtHost` of a call.
 //! Thin: every method is one of `Libvirt`'s, with the pool and a volume
 //! handle looked up by name.
 
@@ -28,7 +30,7 @@ pub fn connect<'c>(cell: &'c OnceCell<Libvirt>, uri: &str) -> Result<&'c Libvirt
     Ok(cell.get_or_init(|| lv))
 }
 
-pub struct LibvirtDisks<'a> {
+pub struct LibvirtHost<'a> {
     conn: &'a OnceCell<Libvirt>,
     config: &'a Config,
     pool: OnceCell<StoragePool>,
@@ -37,9 +39,9 @@ pub struct LibvirtDisks<'a> {
     domains: RefCell<Vec<(String, Domain)>>,
 }
 
-impl<'a> LibvirtDisks<'a> {
+impl<'a> LibvirtHost<'a> {
     pub fn new(conn: &'a OnceCell<Libvirt>, config: &'a Config) -> Self {
-        LibvirtDisks {
+        LibvirtHost {
             conn,
             config,
             pool: OnceCell::new(),
@@ -99,7 +101,7 @@ impl<'a> LibvirtDisks<'a> {
     }
 }
 
-impl DiskHost for LibvirtDisks<'_> {
+impl DiskHost for LibvirtHost<'_> {
     fn pool_name(&self) -> &str {
         &self.config.pool.name
     }

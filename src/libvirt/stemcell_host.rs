@@ -1,13 +1,13 @@
-//! `StemcellHost` over the same connection and pool as `LibvirtDisks`: the
+//! `StemcellHost` over the same connection and pool as `LibvirtHost`: the
 //! upload stream of libvirt/upload.rs and the overlay scan of
 //! libvirt/stemcell.rs, a volume handle looked up by name.
 
-use super::host::LibvirtDisks;
+use super::host::LibvirtHost;
 use super::upload::Upload;
 use crate::error::Result;
 use crate::host::{StemcellHost, VolumeUpload};
 
-impl StemcellHost for LibvirtDisks<'_> {
+impl StemcellHost for LibvirtHost<'_> {
     fn start_upload(
         &self,
         name: &str,

@@ -1,4 +1,4 @@
-//! `VmHost` over a libvirt connection: the same `LibvirtDisks` (connection
+//! `VmHost` over a libvirt connection: the same `LibvirtHost` (connection
 //! and pool opened on first use) with domains and networks looked up by name
 //! on each call. Thin: every method is one of `Libvirt`'s.
 
@@ -7,7 +7,7 @@ use std::time::Duration;
 use virt::domain::Domain;
 use virt::network::Network;
 
-use super::host::LibvirtDisks;
+use super::host::LibvirtHost;
 use super::Libvirt;
 use crate::config::NetworkConfig;
 use crate::error::{CpiError, Result};
@@ -16,7 +16,7 @@ use crate::host::{
     ReservationFilter, VmHost, VmMetadata,
 };
 
-impl LibvirtDisks<'_> {
+impl LibvirtHost<'_> {
     fn find_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
         self.libvirt()?.find_domain(vm_cid)
     }
@@ -34,7 +34,7 @@ impl LibvirtDisks<'_> {
     }
 }
 
-impl VmHost for LibvirtDisks<'_> {
+impl VmHost for LibvirtHost<'_> {
     fn stemcell_exists(&self, cid: &str) -> Result<bool> {
         let (lv, pool) = self.parts()?;
         Ok(lv.find_stemcell(pool, cid)?.is_some())

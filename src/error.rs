@@ -83,6 +83,12 @@ impl CpiError {
         )
     }
 
+    /// An object the call found a moment ago is gone (another client
+    /// removed it); the call as a whole can be retried.
+    pub fn vanished(what: impl std::fmt::Display) -> Self {
+        Self::cloud(format!("{what} vanished meanwhile; retry"))
+    }
+
     pub fn retryable(mut self, ok_to_retry: bool) -> Self {
         self.ok_to_retry = ok_to_retry;
         self

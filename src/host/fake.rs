@@ -509,5 +509,5 @@ impl DiskHost for FakeHost {
 }
 
 fn vanished(vm_cid: &str) -> CpiError {
-    CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry"))
+    CpiError::vanished(format_args!("VM {vm_cid}"))
 }

@@ -69,7 +69,7 @@ impl<'a> LibvirtHost<'a> {
 
     /// Looks the domain up (always: whether it exists must be fresh) and
     /// keeps its handle for the operations of this call that follow.
-    fn lookup_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
+    pub(super) fn lookup_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
         let found = self.libvirt()?.find_domain(vm_cid)?;
         let mut domains = self.domains.borrow_mut();
         domains.retain(|(n, _)| n != vm_cid);
@@ -91,7 +91,7 @@ impl<'a> LibvirtHost<'a> {
 
     fn domain(&self, vm_cid: &str) -> Result<Domain> {
         self.known_domain(vm_cid)?
-            .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))
+            .ok_or_else(|| CpiError::vanished(format_args!("VM {vm_cid}")))
     }
 
     pub(super) fn existing(&self, name: &str, doing: &str) -> Result<StorageVol> {

@@ -17,20 +17,16 @@ use crate::host::{
 };
 
 impl LibvirtHost<'_> {
-    fn find_domain(&self, vm_cid: &str) -> Result<Option<Domain>> {
-        self.libvirt()?.find_domain(vm_cid)
-    }
-
-    /// The domain, which the caller knows to exist.
+    /// The domain, which the caller knows to exist (looked up afresh).
     fn domain_of(&self, vm_cid: &str) -> Result<Domain> {
-        self.find_domain(vm_cid)?
-            .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))
+        self.lookup_domain(vm_cid)?
+            .ok_or_else(|| CpiError::vanished(format_args!("VM {vm_cid}")))
     }
 
     fn network_of(&self, name: &str) -> Result<Network> {
-        self.libvirt()?.find_network(name)?.ok_or_else(|| {
-            CpiError::cloud(format!("libvirt network {name} vanished meanwhile; retry"))
-        })
+        self.libvirt()?
+            .find_network(name)?
+            .ok_or_else(|| CpiError::vanished(format_args!("libvirt network {name}")))
     }
 }
 
@@ -67,21 +63,21 @@ impl VmHost for LibvirtHost<'_> {
     }
 
     fn destroy_vm(&self, vm_cid: &str) -> Result<()> {
-        match self.find_domain(vm_cid)? {
+        match self.lookup_domain(vm_cid)? {
             Some(dom) => self.libvirt()?.destroy_domain(&dom, vm_cid),
             None => Ok(()),
         }
     }
 
     fn undefine_vm(&self, vm_cid: &str) -> Result<()> {
-        match self.find_domain(vm_cid)? {
+        match self.lookup_domain(vm_cid)? {
             Some(dom) => self.libvirt()?.undefine_domain(&dom, vm_cid),
             None => Ok(()),
         }
     }
 
     fn vm_facts(&self, vm_cid: &str) -> Result<Option<DomainFacts>> {
-        match self.find_domain(vm_cid)? {
+        match self.lookup_domain(vm_cid)? {
             Some(dom) => self.libvirt()?.domain_facts(&dom, vm_cid).map(Some),
             None => Ok(None),
         }
@@ -98,7 +94,7 @@ impl VmHost for LibvirtHost<'_> {
     }
 
     fn reboot_vm(&self, vm_cid: &str, grace: Duration) -> Result<Option<RebootOutcome>> {
-        match self.find_domain(vm_cid)? {
+        match self.lookup_domain(vm_cid)? {
             Some(dom) => self.libvirt()?.reboot_domain(&dom, vm_cid, grace).map(Some),
             None => Ok(None),
         }
@@ -160,7 +156,7 @@ impl VmHost for LibvirtHost<'_> {
             Ok(lv) => lv,
             Err(e) => return (Err(e.clone()), Err(e)),
         };
-        let dom = match lv.find_domain(vm_cid) {
+        let dom = match self.lookup_domain(vm_cid) {
             Ok(Some(dom)) => dom,
             Ok(None) => return (Ok(()), release_all(lv, select)),
             Err(e) => return (Err(e.clone()), Err(e)),

@@ -302,9 +302,7 @@ fn make_vm(
                     // Find out which field clashed: a taken IP is final (unless its
                     // holder is a killed create_vm's leftover), a taken MAC is luck.
                     let info = host.network(&net_name)?.ok_or_else(|| {
-                        CpiError::cloud(format!(
-                            "libvirt network {net_name} vanished meanwhile; retry"
-                        ))
+                        CpiError::vanished(format_args!("libvirt network {net_name}"))
                     })?;
                     if let Some(h) = info.hosts.iter().find(|h| h.ip == entry.ip) {
                         if !reclaimed && reclaim_stale_reservation(host, &net_name, h, log)? {
@@ -416,7 +414,7 @@ fn console_password() -> String {
 fn expect_path(host: &dyn VmHost, name: &str, expected: &str) -> Result<VolumeFacts> {
     let facts = host
         .volume(name)?
-        .ok_or_else(|| CpiError::cloud(format!("volume {name} vanished meanwhile; retry")))?;
+        .ok_or_else(|| CpiError::vanished(format_args!("volume {name}")))?;
     if facts.path != expected {
         return Err(CpiError::cloud(format!(
             "volume {name} is at {}, not at {expected} where its pool's directory puts it",

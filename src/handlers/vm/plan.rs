@@ -56,9 +56,9 @@ pub(super) fn resolve_networks(
                 r.name
             )));
         }
-        let info = host.network(&name)?.ok_or_else(|| {
-            CpiError::cloud(format!("libvirt network {name} vanished meanwhile; retry"))
-        })?;
+        let info = host
+            .network(&name)?
+            .ok_or_else(|| CpiError::vanished(format_args!("libvirt network {name}")))?;
         out.insert(name, info);
     }
     Ok(out)

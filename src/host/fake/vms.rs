@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::{FakeHost, POOL};
+use super::{vanished, FakeHost, POOL};
 use crate::config::NetworkConfig;
 use crate::error::{CpiError, Result};
 use crate::host::{
@@ -118,7 +118,7 @@ impl FakeHost {
             .machines
             .vms
             .get_mut(vm_cid)
-            .ok_or_else(|| CpiError::cloud(format!("VM {vm_cid} vanished meanwhile; retry")))?;
+            .ok_or_else(|| vanished(vm_cid))?;
         Ok(f(vm))
     }
 
@@ -406,11 +406,11 @@ impl VmHost for FakeHost {
     fn reserve(&self, network: &str, host: &DhcpHost) -> Result<()> {
         self.enter("reserve", network)?;
         let mut s = self.s.borrow_mut();
-        let (info, _) = s.machines.networks.get_mut(network).ok_or_else(|| {
-            CpiError::cloud(format!(
-                "libvirt network {network} vanished meanwhile; retry"
-            ))
-        })?;
+        let (info, _) = s
+            .machines
+            .networks
+            .get_mut(network)
+            .ok_or_else(|| CpiError::vanished(format_args!("libvirt network {network}")))?;
         let same = |a: &Option<String>, b: &Option<String>| {
             a.is_some()
                 && a.as_deref().map(str::to_ascii_lowercase)
@@ -434,8 +434,8 @@ impl VmHost for FakeHost {
         self.enter("release", network)?;
         let mut s = self.s.borrow_mut();
         let Some((info, _)) = s.machines.networks.get_mut(network) else {
-            return Err(CpiError::cloud(format!(
-                "libvirt network {network} vanished meanwhile; retry"
+            return Err(CpiError::vanished(format_args!(
+                "libvirt network {network}"
             )));
         };
         let before = info.hosts.len();

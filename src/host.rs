@@ -174,8 +174,10 @@ fn drive_letters(mut i: usize) -> String {
 pub trait DiskHost {
     /// The pool's name, as a VM's definition may refer to its volumes.
     fn pool_name(&self) -> &str;
-    /// Free bytes in the pool, counting what others use.
-    fn available_bytes(&self) -> Result<u64>;
+    /// Free bytes in the pool. Without `recount`, as libvirt last counted
+    /// them (no cost, but blind to what was written behind its back since);
+    /// with it, counted now, which re-reads every volume of the pool.
+    fn available_bytes(&self, recount: bool) -> Result<u64>;
 
     /// Whether there is a volume of that name (one lookup, no facts).
     fn volume_exists(&self, name: &str) -> Result<bool>;

@@ -1258,3 +1258,63 @@ fn concurrent_attaches_of_one_disk_leave_it_on_exactly_one_vm() {
     );
     ok(cfg(), "detach_disk", json!([winner, d]));
 }
+
+/// libvirt re-reads a whole `dir` pool after every upload into it
+/// (src/libvirt/staging.rs), and records written that way made disk calls
+/// grow with the number of volumes in the pool. A file put into the pool
+/// behind libvirt's back is listed only once libvirt has re-read the pool:
+/// no disk call may make it do that. Staged writes of killed calls are
+/// removed by the next process that stages one; a live writer's stay.
+#[test]
+fn disk_calls_never_make_libvirt_reread_the_pool() {
+    let pool = PrivatePool::new("reread");
+    let vm = TestVm::define(false);
+    let sentinel = "put-there-behind-libvirts-back";
+    let listed = || vol_list_names(&tb().virsh(&["vol-list", &pool.name]));
+    let d = ok(&pool.config, "create_disk", json!([16, {}, null]));
+    let d = d.as_str().unwrap();
+    let staging = format!("{}-staging", pool.name);
+    let dead = format!(
+        "staged-{}~0",
+        creator_of(std::process::id(), own_start_time() + 1)
+    );
+    let live = format!(
+        "staged-{}~0",
+        creator_of(std::process::id(), own_start_time())
+    );
+    for name in [&dead, &live] {
+        tb().virsh_ok(&["vol-create-as", &staging, name, "4096", "--format", "raw"]);
+    }
+    std::fs::write(pool.path.join(sentinel), b"not a volume of libvirt's yet").unwrap();
+
+    ok(
+        &pool.config,
+        "set_disk_metadata",
+        json!([d, {"deployment": "dep"}]),
+    );
+    let staged = vol_list_names(&tb().virsh(&["vol-list", &staging]));
+    assert_eq!(
+        staged,
+        vec![live.clone()],
+        "only the dead writer's staged volume goes"
+    );
+    assert_eq!(ok(&pool.config, "has_disk", json!([d])), json!(true));
+    ok(&pool.config, "attach_disk", json!([vm.name, d]));
+    assert_eq!(ok(&pool.config, "get_disks", json!([vm.name])), json!([d]));
+    ok(&pool.config, "detach_disk", json!([vm.name, d]));
+    ok(&pool.config, "resize_disk", json!([d, 32]));
+    let d2 = ok(&pool.config, "create_disk", json!([16, {}, null]));
+    ok(&pool.config, "delete_disk", json!([d]));
+    ok(&pool.config, "delete_disk", json!([d2]));
+    let names = listed();
+    assert!(
+        !names.iter().any(|n| n == sentinel),
+        "libvirt re-read the pool: {names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with("disk-")), "{names:?}");
+
+    // The check can fail: once libvirt re-reads the pool, the file is listed.
+    tb().virsh_ok(&["pool-refresh", &pool.name]);
+    assert!(listed().iter().any(|n| n == sentinel));
+    tb().virsh_ok(&["vol-delete", "--pool", &staging, &live]);
+}

@@ -90,8 +90,7 @@ pub fn create_disk(
             format!("a {size_mib} MiB disk is too large"),
         )
     })?;
-    let available = host.available_bytes()?;
-    if capacity > available {
+    if let Some(available) = free_if_short(host, capacity)? {
         return Err(CpiError::new(
             ErrorKind::NoDiskSpace,
             format!(
@@ -144,6 +143,19 @@ pub fn create_disk(
             .unwrap_or_default()
     ));
     Ok(Value::String(disk_cid))
+}
+
+/// The pool's free bytes when it has fewer than `bytes` free, else `None`.
+/// libvirt's last count is trusted when it says there is room (the disk is
+/// thin and takes nothing yet, and a recount re-reads every volume of the
+/// pool: a cost that grows with the pool); a "no" is recounted first, as
+/// others may have freed space since.
+fn free_if_short(host: &dyn DiskHost, bytes: u64) -> Result<Option<u64>> {
+    if bytes <= host.available_bytes(false)? {
+        return Ok(None);
+    }
+    let available = host.available_bytes(true)?;
+    Ok((bytes > available).then_some(available))
 }
 
 /// A disk volume without a valid record, without director metadata, in no
@@ -289,8 +301,7 @@ pub fn resize_disk(
     checked_format(host, log, &disk)?;
     // The same rule as create_disk: the growth must fit in the pool's free
     // space, even though the volume stays thin.
-    let available = host.available_bytes()?;
-    if wanted - current > available {
+    if let Some(available) = free_if_short(host, wanted - current)? {
         return Err(CpiError::new(
             ErrorKind::NoDiskSpace,
             format!(

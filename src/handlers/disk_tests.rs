@@ -129,6 +129,39 @@ fn create_disk_without_room_is_no_disk_space_and_leaves_nothing() {
     made_disk(&host, 10);
 }
 
+/// libvirt's last count of free space decides a "yes" (a recount re-reads
+/// every volume of the pool); a "no" is recounted before it refuses.
+#[test]
+fn create_disk_recounts_free_space_only_to_refuse() {
+    let recounts = |host: &FakeHost| {
+        host.calls()
+            .iter()
+            .filter(|c| c.starts_with("available_bytes") && c.contains("recount"))
+            .count()
+    };
+    let host = FakeHost::new();
+    host.set_available(10 * MIB);
+    host.set_counted(20 * MIB);
+    made_disk(&host, 15);
+    assert_eq!(recounts(&host), 0, "{:?}", host.calls());
+
+    let host = FakeHost::new();
+    host.set_counted(5 * MIB);
+    made_disk(&host, 15);
+    assert_eq!(recounts(&host), 1, "space freed since the last count");
+
+    let host = FakeHost::new();
+    host.set_available(10 * MIB);
+    host.set_counted(5 * MIB);
+    let e = create(&host, 11, json!({})).unwrap_err();
+    assert!(
+        e.message.contains("has 10 MiB free"),
+        "the recounted figure: {}",
+        e.message
+    );
+    assert_eq!(recounts(&host), 1);
+}
+
 #[test]
 fn create_disk_of_an_absurd_size_is_no_disk_space_before_the_host() {
     let host = FakeHost::new();

@@ -306,7 +306,8 @@ impl Import<'_> {
     /// Fails with NoDiskSpace, before anything is written, when the pool
     /// cannot take `need` more bytes with `SPACE_MARGIN` to spare.
     fn ensure_space(&self, need: u64) -> Result<()> {
-        let free = self.host.available_bytes()?;
+        // Recounted: what this import has written so far is not in libvirt's count.
+        let free = self.host.available_bytes(true)?;
         if free < need.saturating_add(SPACE_MARGIN) {
             return Err(CpiError::new(
                 ErrorKind::NoDiskSpace,

@@ -35,6 +35,8 @@ struct Failure {
 #[derive(Default)]
 struct State {
     available: u64,
+    /// What the host last counted as free, when that differs from the truth.
+    counted: Option<u64>,
     now: f64,
     volumes: BTreeMap<String, Volume>,
     vms: BTreeMap<String, DomainDisks>,
@@ -71,6 +73,12 @@ impl FakeHost {
 
     pub fn set_available(&self, bytes: u64) {
         self.s.borrow_mut().available = bytes;
+    }
+
+    /// Makes the host's last count of free bytes `bytes`, whatever is free
+    /// (space others used or freed since), until a recount.
+    pub fn set_counted(&self, bytes: u64) {
+        self.s.borrow_mut().counted = Some(bytes);
     }
 
     /// Moves the host's clock (the mtime of volumes made from now on).
@@ -242,9 +250,13 @@ impl DiskHost for FakeHost {
         POOL
     }
 
-    fn available_bytes(&self) -> Result<u64> {
-        self.enter("available_bytes", "")?;
-        Ok(self.s.borrow().available)
+    fn available_bytes(&self, recount: bool) -> Result<u64> {
+        self.enter("available_bytes", if recount { "recount" } else { "" })?;
+        let mut s = self.s.borrow_mut();
+        if recount {
+            s.counted = None;
+        }
+        Ok(s.counted.unwrap_or(s.available))
     }
 
     fn volume_exists(&self, name: &str) -> Result<bool> {

@@ -20,6 +20,7 @@ use crate::error::{CpiError, Result};
 use crate::host::{
     DiskAttachment, DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts,
 };
+use crate::names;
 
 /// Opens the connection of `cell` unless it is open.
 pub fn connect<'c>(cell: &'c OnceCell<Libvirt>, uri: &str) -> Result<&'c Libvirt> {
@@ -106,9 +107,9 @@ impl DiskHost for LibvirtHost<'_> {
         &self.config.pool.name
     }
 
-    fn available_bytes(&self) -> Result<u64> {
+    fn available_bytes(&self, recount: bool) -> Result<u64> {
         let (lv, pool) = self.parts()?;
-        lv.pool_available(pool)
+        lv.pool_available(pool, recount)
     }
 
     fn volume_exists(&self, name: &str) -> Result<bool> {
@@ -136,9 +137,15 @@ impl DiskHost for LibvirtHost<'_> {
         lv.create_volume(pool, name, capacity, format).map(drop)
     }
 
+    /// Records and locks are staged (see `staging`); a config drive is
+    /// uploaded in place.
     fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()> {
         let (lv, pool) = self.parts()?;
-        lv.create_volume_with(pool, name, data).map(drop)
+        if names::is_config_drive_volume(name) {
+            lv.create_volume_with(pool, name, data).map(drop)
+        } else {
+            lv.create_volume_staged(pool, name, data).map(drop)
+        }
     }
 
     fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()> {

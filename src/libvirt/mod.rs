@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod network;
 pub mod orphan_nodes;
 pub mod pool;
+pub mod staging;
 pub mod stemcell;
 mod stemcell_host;
 pub mod upload;
@@ -34,6 +35,9 @@ use crate::uri::{LibvirtUri, Transport};
 pub struct Libvirt {
     conn: Option<Connect>,
     uri: String,
+    /// The staging pool of the pool this process works in, once opened
+    /// (`staging`), with the name of that pool.
+    staging: std::sync::OnceLock<(String, virt::storage_pool::StoragePool)>,
 }
 
 static REGISTER: Once = Once::new();
@@ -159,6 +163,7 @@ impl Libvirt {
         Ok(Libvirt {
             conn: Some(conn),
             uri: uri.to_string(),
+            staging: std::sync::OnceLock::new(),
         })
     }
 
@@ -178,6 +183,7 @@ impl Drop for Libvirt {
     fn drop(&mut self) {
         // virt's own Drop panics when close fails; a closing connection that
         // errors is of no interest to a process that is about to exit.
+        drop(self.staging.take());
         if let Some(conn) = self.conn.take() {
             unsafe {
                 virt::sys::virConnectClose(conn.as_ptr());

@@ -20,13 +20,22 @@ impl Libvirt {
         let name = &cfg.name;
         let pool = match self.find_pool(name)? {
             Some(pool) => pool,
-            None if cfg.create => self.define_pool(cfg)?,
+            None if cfg.create => {
+                let path = cfg.path.as_deref().unwrap_or_default();
+                self.define_pool(name, path, "0711")?
+            }
             None => {
                 return Err(CpiError::cloud(format!(
                 "storage pool '{name}' does not exist (set pool.create to let the CPI create it)"
             )))
             }
         };
+        self.start_pool(&pool, name)?;
+        Ok(pool)
+    }
+
+    /// Starts the pool unless it is active.
+    pub(super) fn start_pool(&self, pool: &StoragePool, name: &str) -> Result<()> {
         if !pool
             .is_active()
             .map_err(|e| lv_error(format!("checking storage pool {name}"), e))?
@@ -42,7 +51,7 @@ impl Libvirt {
                 }
             }
         }
-        Ok(pool)
+        Ok(())
     }
 
     pub fn find_pool(&self, name: &str) -> Result<Option<StoragePool>> {
@@ -52,11 +61,9 @@ impl Libvirt {
         )
     }
 
-    /// Defines the pool (see `pool_xml`).
-    fn define_pool(&self, cfg: &PoolConfig) -> Result<StoragePool> {
-        let name = &cfg.name;
-        let path = cfg.path.as_deref().unwrap_or_default();
-        let xml = pool_xml(name, path);
+    /// Defines a pool (see `pool_xml`), autostarted.
+    pub(super) fn define_pool(&self, name: &str, path: &str, mode: &str) -> Result<StoragePool> {
+        let xml = pool_xml(name, path, mode);
         let pool = match self.conn().define_storage_pool_xml(&xml, 0) {
             Ok(pool) => pool,
             // Lost a race with another CPI defining the same pool.
@@ -99,16 +106,16 @@ impl Libvirt {
     }
 }
 
-/// A `dir` pool at `path`, its directory 0711: the QEMU user must reach the
-/// images in it, but nobody needs to list it.
-fn pool_xml(name: &str, path: &str) -> String {
+/// A `dir` pool at `path`, its directory `mode`: 0711 for the CPI's pool
+/// (the QEMU user must reach the images in it, but nobody needs to list it).
+fn pool_xml(name: &str, path: &str, mode: &str) -> String {
     El::new("pool")
         .attr("type", "dir")
         .text_child("name", name)
         .child(
             El::new("target")
                 .text_child("path", path)
-                .child(El::new("permissions").text_child("mode", "0711")),
+                .child(El::new("permissions").text_child("mode", mode)),
         )
         .to_compact()
 }
@@ -121,7 +128,7 @@ mod tests {
     #[test]
     fn hostile_names_and_paths_stay_values() {
         for v in crate::libvirt::xmlwrite::HOSTILE {
-            let root = Element::parse(&pool_xml(v, v)).unwrap();
+            let root = Element::parse(&pool_xml(v, v, "0711")).unwrap();
             assert_eq!(root.child("name").unwrap().text, *v);
             assert_eq!(root.at(&["target", "path"]).unwrap().text, *v);
             assert_eq!(root.children.len(), 2);

@@ -182,11 +182,14 @@ impl Libvirt {
             .collect()
     }
 
-    /// Free bytes in the pool. The pool is refreshed first so space used by
-    /// others is counted; a refresh can fail while another CPI builds a volume
-    /// in the pool, and the last known figure is then good enough.
-    pub fn pool_available(&self, pool: &StoragePool) -> Result<u64> {
-        let _ = pool.refresh(0);
+    /// Free bytes in the pool. With `recount` the pool is refreshed first, so
+    /// space used by others is counted (a refresh re-reads every volume, and
+    /// fails while another CPI builds a volume in the pool: the last known
+    /// figure is then good enough).
+    pub fn pool_available(&self, pool: &StoragePool, recount: bool) -> Result<u64> {
+        if recount {
+            let _ = pool.refresh(0);
+        }
         let info = pool
             .info()
             .map_err(|e| lv_error("reading storage pool info", e))?;
@@ -254,9 +257,7 @@ impl Libvirt {
     }
 
     /// Replaces the first `data.len()` bytes of `vol` with `data`, and reads
-    /// them back: on a full pool libvirt confirms an upload whose writes
-    /// failed, leaving zeros where the record should be. A record only counts
-    /// once it reads back as written.
+    /// them back (`verify_written`).
     pub fn write_volume(
         &self,
         pool: &StoragePool,
@@ -264,18 +265,36 @@ impl Libvirt {
         name: &str,
         data: &[u8],
     ) -> Result<()> {
+        self.upload_bytes(vol, name, data)?;
+        self.verify_written(pool, vol, name, data)
+    }
+
+    /// Uploads `data` over the first bytes of `vol`.
+    pub(super) fn upload_bytes(&self, vol: &StorageVol, name: &str, data: &[u8]) -> Result<()> {
         let doing = || format!("writing {} bytes to volume {name}", data.len());
         let mut upload = self
             .start_upload(vol, data.len() as u64, false)
             .map_err(|e| e.context(doing()))?;
         upload.send(data).map_err(|e| e.context(doing()))?;
-        upload.finish().map_err(|e| e.context(doing()))?;
+        upload.finish().map_err(|e| e.context(doing()))
+    }
+
+    /// Whether `vol` reads back as `data`: on a full pool libvirt confirms an
+    /// upload whose writes failed, leaving zeros where the record should be.
+    /// A record only counts once it reads back as written.
+    pub(super) fn verify_written(
+        &self,
+        pool: &StoragePool,
+        vol: &StorageVol,
+        name: &str,
+        data: &[u8],
+    ) -> Result<()> {
         let back = self.read_volume(vol, name, data.len() as u64)?;
         if back != data {
-            let free = self.pool_available(pool).unwrap_or(0);
+            let free = self.pool_available(pool, true).unwrap_or(0);
             let message = format!(
-                "{}: the volume does not read back what was written ({free} bytes free in the pool)",
-                doing()
+                "writing {} bytes to volume {name}: the volume does not read back what was written ({free} bytes free in the pool)",
+                data.len()
             );
             return Err(if free < MIB {
                 CpiError::new(ErrorKind::NoDiskSpace, message)

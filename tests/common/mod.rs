@@ -83,11 +83,7 @@ impl Testbed {
     pub fn volumes(&self) -> Vec<String> {
         let pool = self.pool_name();
         let _ = self.virsh(&["pool-refresh", &pool]);
-        self.virsh_ok(&["vol-list", &pool, "--details"])
-            .lines()
-            .skip(2)
-            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-            .collect()
+        vol_list_names(&self.virsh(&["vol-list", &pool, "--details"]))
     }
 }
 
@@ -132,8 +128,10 @@ impl PrivatePool {
 impl Drop for PrivatePool {
     fn drop(&mut self) {
         let tb = testbed();
-        let _ = tb.virsh(&["pool-destroy", &self.name]);
-        let _ = tb.virsh(&["pool-undefine", &self.name]);
+        for pool in [format!("{}-staging", self.name), self.name.clone()] {
+            let _ = tb.virsh(&["pool-destroy", &pool]);
+            let _ = tb.virsh(&["pool-undefine", &pool]);
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
@@ -220,7 +218,9 @@ pub fn spawn_cpi(config: Option<&Path>, request: &[u8]) -> std::process::Child {
     child
 }
 
-/// Names in `virsh vol-list` output (empty when virsh failed).
+/// Names in `virsh vol-list` output (empty when virsh failed), but the
+/// directory of the pool's staging pool (src/libvirt/staging.rs), which a
+/// `dir` pool lists as a volume.
 pub fn vol_list_names(out: &std::process::Output) -> Vec<String> {
     if !out.status.success() {
         return Vec::new();
@@ -229,6 +229,7 @@ pub fn vol_list_names(out: &std::process::Output) -> Vec<String> {
         .lines()
         .skip(2)
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|n| n != ".staging")
         .collect()
 }
 

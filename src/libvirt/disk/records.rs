@@ -7,7 +7,7 @@ use serde::Serialize;
 use virt::storage_pool::StoragePool;
 
 use crate::error::{CpiError, Result};
-use crate::libvirt::volume::{DiskFormat, MIB};
+use crate::libvirt::volume::MIB;
 use crate::libvirt::Libvirt;
 use crate::names::marker_name;
 
@@ -36,31 +36,28 @@ impl Libvirt {
                 bytes.len()
             )));
         }
-        let (vol, created) = match self.find_volume(pool, name)? {
-            Some(vol) => (vol, false),
-            None => match self.create_volume(pool, name, size as u64, DiskFormat::Raw) {
-                Ok(vol) => (vol, true),
-                // Lost a race with a concurrent writer of the same sidecar.
-                Err(e) => (self.find_volume(pool, name)?.ok_or(e)?, false),
-            },
+        let vol = match self.find_volume(pool, name)? {
+            Some(vol) => vol,
+            None => {
+                let mut padded = bytes.clone();
+                padded.resize(size, b' ');
+                match self.create_volume_staged(pool, name, &padded) {
+                    Ok(_) => return Ok(()),
+                    // Lost a race with a concurrent writer of the same sidecar.
+                    Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
+                }
+            }
         };
-        // A volume made just now has the size asked for.
-        let capacity = if created {
-            size as u64
-        } else {
-            self.volume_facts(&vol, name)?.capacity
-        };
+        // Replacing a sidecar's content uploads in place (a reader sees the
+        // old or the new document); libvirt then re-reads the pool.
+        let capacity = self.volume_facts(&vol, name)?.capacity;
         if capacity < size as u64 {
             self.resize_volume(&vol, name, size as u64)?;
         } else {
             size = usize::try_from(capacity).unwrap_or(size);
         }
         bytes.resize(size, b' ');
-        let written = self.write_volume(pool, &vol, name, &bytes);
-        if written.is_err() && created {
-            let _ = vol.delete(0);
-        }
-        written
+        self.write_volume(pool, &vol, name, &bytes)
     }
 
     /// Writes `record` as the marker of `volume`. Without its marker the

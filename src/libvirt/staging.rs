@@ -1,0 +1,149 @@
+//! New small volumes (records, markers, locks) written without making
+//! libvirt re-read the pool.
+//!
+//! When an upload into a pool ends, libvirtd re-reads the WHOLE pool in a
+//! thread (src/storage/storage_driver.c: virStorageVolFDStreamCloseCb starts
+//! virStorageVolPoolRefreshThread, which clears and re-probes every volume)
+//! and holds the pool meanwhile: every lookup in it waits. With 3,000
+//! volumes that was ~60-100 ms after each record written, so every call that
+//! writes one grew with the pool. So a new small volume is uploaded into a
+//! staging pool of its own, `<pool>-staging` at `<pool directory>/.staging`
+//! (0700: records may name VMs), which holds only writes in flight, and libvirt
+//! then copies it into the pool (virStorageVolCreateXMLFrom: a new volume
+//! with its content in one step, refused like any creation when the name is
+//! taken, and refreshing only that volume). What counts is still what reads
+//! back from the pool afterwards (`write_volume`).
+//!
+//! Only JSON and lock text are staged: libvirt probes the staged file's
+//! format, which for those is raw (an ISO 9660 config drive would be probed
+//! as `iso` and then not copied as raw; it is uploaded in place).
+//!
+//! A staged volume is named after its writer (`Creator`): the first staging
+//! of a process removes what dead writers left there.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::{lv_error, Libvirt};
+use crate::creator::{Creator, Liveness};
+use crate::error::{CpiError, Result};
+use crate::host::DiskFormat;
+
+const STAGED_PREFIX: &str = "staged-";
+
+impl Libvirt {
+    /// A new raw volume `name` in `pool` holding exactly `data` (JSON or a
+    /// lock's text), staged as the module says; nothing is left on failure.
+    pub fn create_volume_staged(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        data: &[u8],
+    ) -> Result<StorageVol> {
+        let staging = self.staging_pool(pool)?;
+        let staged_name = staged_name()?;
+        let staged =
+            self.create_volume(staging, &staged_name, data.len() as u64, DiskFormat::Raw)?;
+        let made = self
+            .upload_bytes(&staged, &staged_name, data)
+            .and_then(|()| {
+                self.clone_volume(
+                    pool,
+                    name,
+                    &staged,
+                    &staged_name,
+                    data.len() as u64,
+                    DiskFormat::Raw,
+                )
+            });
+        let _ = staged.delete(0);
+        let vol = made?;
+        if let Err(e) = self.verify_written(pool, &vol, name, data) {
+            let _ = vol.delete(0);
+            return Err(e);
+        }
+        Ok(vol)
+    }
+
+    /// The staging pool of `pool`, defined and started when missing (and
+    /// then swept of what dead writers left); opened once per process.
+    fn staging_pool(&self, pool: &StoragePool) -> Result<&StoragePool> {
+        let main = pool
+            .name()
+            .map_err(|e| lv_error("reading the storage pool's name", e))?;
+        if let Some((of, staging)) = self.staging.get() {
+            if *of == main {
+                return Ok(staging);
+            }
+        }
+        let name = staging_pool_name(&main);
+        let staging = match self.find_pool(&name)? {
+            Some(staging) => staging,
+            None => {
+                let path = format!("{}/.staging", self.pool_directory(pool, &main)?);
+                self.define_pool(&name, &path, "0700")?
+            }
+        };
+        self.start_pool(&staging, &name)?;
+        self.remove_dead_writers_leftovers(&staging);
+        if self.staging.set((main, staging)).is_err() {
+            return Err(CpiError::cloud("opening a second staging pool in one call"));
+        }
+        Ok(&self.staging.get().expect("just set").1)
+    }
+
+    /// Best effort: staged volumes whose writer is dead.
+    fn remove_dead_writers_leftovers(&self, staging: &StoragePool) {
+        let Ok(vols) = staging.list_all_volumes(0) else {
+            return;
+        };
+        for vol in vols {
+            let dead = vol
+                .name()
+                .ok()
+                .and_then(|n| staged_writer(&n))
+                .is_some_and(|c| c.liveness() == Liveness::Dead);
+            if dead {
+                let _ = vol.delete(0);
+            }
+        }
+    }
+}
+
+pub fn staging_pool_name(pool: &str) -> String {
+    format!("{pool}-staging")
+}
+
+/// `staged-<writer>~<n>`: unique per process and writer.
+fn staged_name() -> Result<String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let me = Creator::this_process()
+        .ok_or_else(|| CpiError::cloud("cannot identify this process (no /proc?)"))?;
+    Ok(format!(
+        "{STAGED_PREFIX}{me}~{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn staged_writer(name: &str) -> Option<Creator> {
+    let rest = name.strip_prefix(STAGED_PREFIX)?;
+    Creator::parse(rest.rsplit_once('~')?.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staged_name_names_its_writer() {
+        let name = staged_name().unwrap();
+        let writer = staged_writer(&name).unwrap();
+        assert_eq!(writer.liveness(), Liveness::Alive);
+        assert_eq!(writer.pid, std::process::id());
+        assert_ne!(staged_name().unwrap(), name);
+        assert_eq!(staged_writer("disk-0123456789abcde.meta"), None);
+        assert_eq!(staged_writer("staged-nonsense~1"), None);
+    }
+}

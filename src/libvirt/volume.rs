@@ -239,8 +239,9 @@ impl Libvirt {
         })
     }
 
-    /// A new raw volume holding exactly `data` (a config drive, a marker),
-    /// uploaded through libvirt so the host may be remote. A failed upload
+    /// A new raw volume holding exactly `data`, uploaded into it through
+    /// libvirt (the host may be remote; libvirt then re-reads the pool, so
+    /// records go through `create_volume_staged` instead). A failed upload
     /// deletes the volume again.
     pub fn create_volume_with(
         &self,

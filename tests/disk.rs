@@ -1298,6 +1298,13 @@ fn disk_calls_never_make_libvirt_reread_the_pool() {
         vec![live.clone()],
         "only the dead writer's staged volume goes"
     );
+    ok(
+        &pool.config,
+        "set_disk_metadata",
+        json!([d, {"deployment": "again"}]),
+    );
+    let tags = std::fs::read_to_string(pool.path.join(format!("{d}.tags"))).unwrap();
+    assert!(tags.contains("again"), "{tags}");
     assert_eq!(ok(&pool.config, "has_disk", json!([d])), json!(true));
     ok(&pool.config, "attach_disk", json!([vm.name, d]));
     assert_eq!(ok(&pool.config, "get_disks", json!([vm.name])), json!([d]));

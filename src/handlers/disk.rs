@@ -341,7 +341,13 @@ pub fn set_disk_metadata(
         metadata: metadata.clone(),
         updated_at: crate::log::timestamp(),
     };
-    host.write_record(&tags_name(disk_cid), &doc)
+    // Replaced, not rewritten in place: an upload into an existing volume
+    // makes libvirt re-read the whole pool, a new record is staged (see
+    // libvirt::staging). The tags are absent for a moment, which nothing
+    // relies on: a disk with a valid record is never swept, and a call that
+    // fails here is repeated by the director's next deploy.
+    host.delete_volume(&tags_name(disk_cid))
+        .and_then(|_| host.write_record(&tags_name(disk_cid), &doc))
         .map_err(|e| e.context(format!("storing metadata of disk {disk_cid}")))?;
     log.summary(format!(
         "stored {} metadata keys of disk {disk_cid} in volume {}",

@@ -491,6 +491,13 @@ fn set_disk_metadata_replaces_the_tags_record() {
         host.json(&tags_name(&cid)).unwrap()["metadata"],
         json!({"c": "3"})
     );
+    // Written anew, never into the old volume (an upload into an existing
+    // volume makes libvirt re-read the whole pool).
+    let calls = host.calls();
+    let tags = tags_name(&cid);
+    let last_write = calls.iter().rposition(|c| *c == format!("write_json {tags}"));
+    let last_delete = calls.iter().rposition(|c| *c == format!("delete_volume {tags}"));
+    assert!(last_delete < last_write && last_delete.is_some(), "{calls:?}");
 }
 
 #[test]

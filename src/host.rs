@@ -190,6 +190,11 @@ pub trait DiskHost {
     /// before `host_now` (a time read on the host: a just-made volume's
     /// mtime). False when it is gone or has no mtime.
     fn volume_untouched_for(&self, name: &str, max_age_secs: f64, host_now: f64) -> Result<bool>;
+    /// Whether a sweep of the volumes named `prefix*` is due: none was
+    /// claimed in the last `every_secs` before `host_now` (the host's clock:
+    /// a just-made volume's mtime). True claims this one, so concurrent and
+    /// later calls skip theirs until `every_secs` passed.
+    fn claim_sweep(&self, prefix: &str, every_secs: f64, host_now: f64) -> Result<bool>;
     /// A new, empty, sparse volume. A name in use is refused.
     fn create_volume(&self, name: &str, capacity: u64, format: DiskFormat) -> Result<()>;
     /// A new raw volume holding exactly `data`; nothing is left on failure.

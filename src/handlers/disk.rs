@@ -163,6 +163,9 @@ fn free_if_short(host: &dyn DiskHost, bytes: u64) -> Result<Option<u64>> {
 /// volume and its record left: the director never learned its CID.
 const UNRECORDED_MAX_AGE_SECS: f64 = 30.0 * 60.0;
 
+/// create_disk sweeps at most this often (a listing of the whole pool).
+const UNRECORDED_SWEEP_EVERY_SECS: f64 = 10.0 * 60.0;
+
 /// Best effort, never fails the call: removes disks that killed create_disk
 /// calls left, judged by the host's clock as read from `own` (just made).
 /// A `.tags` or `.holder` sidecar means the director knew the disk
@@ -195,6 +198,7 @@ fn sweep_unrecorded_disks(host: &dyn DiskHost, log: &mut Logger, own: &str) {
             candidate: &candidate,
             in_use: &in_use,
             what: "disks that killed create_disk calls left unrecorded",
+            at_most_every_secs: Some(UNRECORDED_SWEEP_EVERY_SECS),
         },
     );
 }

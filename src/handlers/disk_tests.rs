@@ -271,6 +271,27 @@ fn create_disk_refuses_a_snapshot_that_is_not_a_plain_qcow2() {
     assert!(e.message.contains("not the plain qcow2"), "{}", e.message);
 }
 
+/// The sweep lists the whole pool: create_disk runs it at most once per
+/// UNRECORDED_SWEEP_EVERY_SECS, whichever process claims it first.
+#[test]
+fn create_disk_sweeps_at_most_every_ten_minutes() {
+    let host = FakeHost::new();
+    let listings = |host: &FakeHost| {
+        host.calls()
+            .iter()
+            .filter(|c| c.starts_with("volume_names_with_prefix"))
+            .count()
+    };
+    made_disk(&host, 1);
+    assert_eq!(listings(&host), 1);
+    host.advance_clock(9.0 * 60.0);
+    made_disk(&host, 1);
+    assert_eq!(listings(&host), 1, "swept again within ten minutes");
+    host.advance_clock(2.0 * 60.0);
+    made_disk(&host, 1);
+    assert_eq!(listings(&host), 2);
+}
+
 #[test]
 fn create_disk_sweeps_only_old_unknown_unrecorded_disks() {
     let host = FakeHost::new();
@@ -495,9 +516,16 @@ fn set_disk_metadata_replaces_the_tags_record() {
     // volume makes libvirt re-read the whole pool).
     let calls = host.calls();
     let tags = tags_name(&cid);
-    let last_write = calls.iter().rposition(|c| *c == format!("write_json {tags}"));
-    let last_delete = calls.iter().rposition(|c| *c == format!("delete_volume {tags}"));
-    assert!(last_delete < last_write && last_delete.is_some(), "{calls:?}");
+    let last_write = calls
+        .iter()
+        .rposition(|c| *c == format!("write_json {tags}"));
+    let last_delete = calls
+        .iter()
+        .rposition(|c| *c == format!("delete_volume {tags}"));
+    assert!(
+        last_delete < last_write && last_delete.is_some(),
+        "{calls:?}"
+    );
 }
 
 #[test]

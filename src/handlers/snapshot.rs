@@ -151,6 +151,7 @@ fn sweep_unfinished_snapshots(host: &dyn DiskHost, log: &mut Logger, disk_cid: &
             candidate: &|name, _| is_snapshot_cid(name),
             in_use: &|_, _| Ok(false),
             what: &what,
+            at_most_every_secs: None,
         },
     );
 }

@@ -34,6 +34,7 @@ pub(super) fn sweep_partial_imports(host: &dyn StemcellHost, log: &mut Logger, o
             candidate: &|name, _| is_stemcell_cid(name),
             in_use: &|_, name| backs_any_volume(host, name),
             what: WHAT,
+            at_most_every_secs: None,
         },
     );
     match remove_orphan_markers(host, own) {

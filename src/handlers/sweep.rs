@@ -18,6 +18,10 @@ pub(super) struct Leftovers<'p> {
     pub candidate: &'p dyn Fn(&str, &[String]) -> bool,
     /// Whether `name` is in use (a domain holds it): then it stays.
     pub in_use: &'p dyn Fn(&dyn DiskHost, &str) -> Result<bool>,
+    /// At most one sweep per this many seconds (host clock), for a sweep
+    /// that runs on a frequent call: its listing of the pool grows with the
+    /// pool, the leftovers it looks for are rare and wait `max_age_secs`.
+    pub at_most_every_secs: Option<f64>,
     /// For the log: "disks that killed create_disk calls left unrecorded".
     pub what: &'p str,
 }
@@ -31,6 +35,11 @@ pub(super) fn sweep(host: &dyn DiskHost, log: &mut Logger, own: &str, l: &Leftov
         let Some(now) = host.volume(own)?.and_then(|f| f.mtime) else {
             return Ok(Vec::new());
         };
+        if let Some(every) = l.at_most_every_secs {
+            if !host.claim_sweep(l.prefix, every, now)? {
+                return Ok(Vec::new());
+            }
+        }
         let found = host.volume_names_with_prefix(l.prefix)?;
         let mut removed = Vec::new();
         for name in &found {

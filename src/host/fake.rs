@@ -37,6 +37,8 @@ struct State {
     available: u64,
     /// What the host last counted as free, when that differs from the truth.
     counted: Option<u64>,
+    /// When a sweep of each prefix was last claimed (host clock).
+    sweeps: BTreeMap<String, f64>,
     now: f64,
     volumes: BTreeMap<String, Volume>,
     vms: BTreeMap<String, DomainDisks>,
@@ -257,6 +259,19 @@ impl DiskHost for FakeHost {
             s.counted = None;
         }
         Ok(s.counted.unwrap_or(s.available))
+    }
+
+    fn claim_sweep(&self, prefix: &str, every_secs: f64, host_now: f64) -> Result<bool> {
+        self.enter("claim_sweep", prefix)?;
+        let mut s = self.s.borrow_mut();
+        if s.sweeps
+            .get(prefix)
+            .is_some_and(|t| host_now - t <= every_secs)
+        {
+            return Ok(false);
+        }
+        s.sweeps.insert(prefix.to_string(), host_now);
+        Ok(true)
     }
 
     fn volume_exists(&self, name: &str) -> Result<bool> {

@@ -132,6 +132,11 @@ impl DiskHost for LibvirtHost<'_> {
         lv.volume_untouched_for(pool, name, max_age_secs, host_now)
     }
 
+    fn claim_sweep(&self, prefix: &str, every_secs: f64, host_now: f64) -> Result<bool> {
+        let (lv, pool) = self.parts()?;
+        lv.claim_sweep(pool, prefix, every_secs, host_now)
+    }
+
     fn create_volume(&self, name: &str, capacity: u64, format: DiskFormat) -> Result<()> {
         let (lv, pool) = self.parts()?;
         lv.create_volume(pool, name, capacity, format).map(drop)

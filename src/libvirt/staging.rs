@@ -32,6 +32,8 @@ use crate::error::{CpiError, Result};
 use crate::host::DiskFormat;
 
 const STAGED_PREFIX: &str = "staged-";
+/// Markers of the last sweeps (`claim_sweep`), kept in the staging pool.
+const SWEPT_PREFIX: &str = "swept-";
 
 impl Libvirt {
     /// A new raw volume `name` in `pool` holding exactly `data` (JSON or a
@@ -65,6 +67,32 @@ impl Libvirt {
             return Err(e);
         }
         Ok(vol)
+    }
+
+    /// Whether a sweep of `pool`'s volumes named `prefix*` is due (see
+    /// `DiskHost::claim_sweep`): the marker `swept-<prefix>` in the staging
+    /// pool is missing or was made more than `every` seconds before
+    /// `host_now`. A due sweep is claimed by making the marker anew; of
+    /// calls racing for it, the one whose creation succeeds sweeps.
+    pub fn claim_sweep(
+        &self,
+        pool: &StoragePool,
+        prefix: &str,
+        every: f64,
+        host_now: f64,
+    ) -> Result<bool> {
+        let staging = self.staging_pool(pool)?;
+        let name = format!("{SWEPT_PREFIX}{prefix}");
+        if let Some(vol) = self.find_volume(staging, &name)? {
+            let made = self.volume_facts(&vol, &name).ok().and_then(|f| f.mtime);
+            if made.is_some_and(|m| host_now - m <= every) {
+                return Ok(false);
+            }
+            let _ = vol.delete(0);
+        }
+        Ok(self
+            .create_volume(staging, &name, 1, DiskFormat::Raw)
+            .is_ok())
     }
 
     /// The staging pool of `pool`, defined and started when missing (and

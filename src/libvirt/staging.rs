@@ -72,8 +72,10 @@ impl Libvirt {
     /// Whether a sweep of `pool`'s volumes named `prefix*` is due (see
     /// `DiskHost::claim_sweep`): the marker `swept-<prefix>` in the staging
     /// pool is missing or was made more than `every` seconds before
-    /// `host_now`. A due sweep is claimed by making the marker anew; of
-    /// calls racing for it, the one whose creation succeeds sweeps.
+    /// `host_now`. A due sweep is claimed by making the marker anew: of
+    /// calls racing for it, the one whose creation succeeds sweeps (rarely
+    /// two, when one deletes the marker another just made: sweeps repeat
+    /// harmlessly).
     pub fn claim_sweep(
         &self,
         pool: &StoragePool,
@@ -140,7 +142,7 @@ impl Libvirt {
     }
 }
 
-pub fn staging_pool_name(pool: &str) -> String {
+fn staging_pool_name(pool: &str) -> String {
     format!("{pool}-staging")
 }
 

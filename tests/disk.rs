@@ -1292,7 +1292,10 @@ fn disk_calls_never_make_libvirt_reread_the_pool() {
         "set_disk_metadata",
         json!([d, {"deployment": "dep"}]),
     );
-    let staged = vol_list_names(&tb().virsh(&["vol-list", &staging]));
+    let staged: Vec<String> = vol_list_names(&tb().virsh(&["vol-list", &staging]))
+        .into_iter()
+        .filter(|n| n.starts_with("staged-"))
+        .collect();
     assert_eq!(
         staged,
         vec![live.clone()],

@@ -176,12 +176,22 @@ impl Host {
             .is_some_and(|v| v.is_object())
     }
 
-    /// Sets the files' mtime two hours back, as if untouched since.
+    /// Sets the files' mtime two hours back, as if untouched since; the
+    /// markers of the last sweeps too (`swept-*` in the staging pool's
+    /// directory, src/libvirt/staging.rs), as two hours would have let a
+    /// sweep run again.
     fn age(&self, names: &BTreeSet<String>) {
-        for n in names {
+        let staging = self.path.join(".staging");
+        let markers = std::fs::read_dir(&staging)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("swept-"))
+            .map(|e| e.path());
+        for path in names.iter().map(|n| self.path.join(n)).chain(markers) {
             let _ = Command::new("touch")
                 .args(["-m", "-d", "2 hours ago"])
-                .arg(self.path.join(n))
+                .arg(path)
                 .status();
         }
         let _ = self.virsh(&["pool-refresh", &self.pool]);

@@ -117,14 +117,7 @@ pub fn ephemeral_volume(vm_cid: &str) -> String {
 
 /// The VM's config drive, holding the agent's settings.
 pub fn config_drive_volume(vm_cid: &str) -> String {
-    format!("{vm_cid}{CONFIG_DRIVE_SUFFIX}")
-}
-
-const CONFIG_DRIVE_SUFFIX: &str = "-config.iso";
-
-pub fn is_config_drive_volume(name: &str) -> bool {
-    name.strip_suffix(CONFIG_DRIVE_SUFFIX)
-        .is_some_and(is_vm_cid)
+    format!("{vm_cid}-config.iso")
 }
 
 /// The prefix the names of all of a VM's volumes share.

@@ -209,3 +209,36 @@ fn a_full_pool_is_refused_and_records_are_never_zeros() {
     assert_eq!(pool.volumes(), Vec::<String>::new());
     tb.virsh_ok(&["pool-destroy", &pool.name]);
 }
+
+/// create_vm and delete_vm never make libvirt re-read the pool (an upload
+/// into a `dir` pool does: src/libvirt/staging.rs; the config drive is staged
+/// too): a file put into the pool directory behind libvirt's back stays
+/// unlisted through both, and is listed once the pool is refreshed.
+#[test]
+fn create_vm_and_delete_vm_never_make_libvirt_reread_the_pool() {
+    let tb = testbed();
+    let pool = PrivatePool::new("vmreread");
+    let stemcell = import(&pool.config);
+    let sentinel = "put-there-behind-libvirts-back";
+    std::fs::write(pool.path.join(sentinel), b"not a volume of libvirt's yet").unwrap();
+    let listed = || vol_list_names(&tb.virsh(&["vol-list", &pool.name]));
+    let network = json!({"default": {"type": "dynamic", "cloud_properties": {}}});
+    let made = ok(
+        &pool.config,
+        "create_vm",
+        json!(["agent-reread", stemcell, {"memory": 64}, network, [], {}]),
+    );
+    let vm = made[0].as_str().unwrap().to_string();
+    ok(&pool.config, "delete_vm", json!([vm]));
+    let names = listed();
+    assert!(
+        !names.iter().any(|n| n == sentinel),
+        "libvirt re-read the pool: {names:?}"
+    );
+    tb.virsh_ok(&["pool-refresh", &pool.name]);
+    assert!(listed().iter().any(|n| n == sentinel));
+    std::fs::remove_file(pool.path.join(sentinel)).unwrap();
+    tb.virsh_ok(&["pool-refresh", &pool.name]);
+    ok(&pool.config, "delete_stemcell", json!([stemcell]));
+    assert_eq!(pool.volumes(), Vec::<String>::new());
+}

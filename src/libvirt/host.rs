@@ -20,7 +20,6 @@ use crate::error::{CpiError, Result};
 use crate::host::{
     DiskAttachment, DiskDevice, DiskFormat, DiskHost, DiskRef, DomainDisks, Holder, VolumeFacts,
 };
-use crate::names;
 
 /// Opens the connection of `cell` unless it is open.
 pub fn connect<'c>(cell: &'c OnceCell<Libvirt>, uri: &str) -> Result<&'c Libvirt> {
@@ -142,15 +141,11 @@ impl DiskHost for LibvirtHost<'_> {
         lv.create_volume(pool, name, capacity, format).map(drop)
     }
 
-    /// Records and locks are staged (see `staging`); a config drive is
-    /// uploaded in place.
+    /// Staged (see `staging`): an upload into the pool would make libvirt
+    /// re-read all of it.
     fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()> {
         let (lv, pool) = self.parts()?;
-        if names::is_config_drive_volume(name) {
-            lv.create_volume_with(pool, name, data).map(drop)
-        } else {
-            lv.create_volume_staged(pool, name, data).map(drop)
-        }
+        lv.create_volume_staged(pool, name, data).map(drop)
     }
 
     fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()> {

@@ -239,24 +239,6 @@ impl Libvirt {
         })
     }
 
-    /// A new raw volume holding exactly `data`, uploaded into it through
-    /// libvirt (the host may be remote; libvirt then re-reads the pool, so
-    /// records go through `create_volume_staged` instead). A failed upload
-    /// deletes the volume again.
-    pub fn create_volume_with(
-        &self,
-        pool: &StoragePool,
-        name: &str,
-        data: &[u8],
-    ) -> Result<StorageVol> {
-        let vol = self.create_volume(pool, name, data.len() as u64, DiskFormat::Raw)?;
-        if let Err(e) = self.write_volume(pool, &vol, name, data) {
-            let _ = vol.delete(0);
-            return Err(e);
-        }
-        Ok(vol)
-    }
-
     /// Replaces the first `data.len()` bytes of `vol` with `data`, and reads
     /// them back (`verify_written`).
     pub fn write_volume(

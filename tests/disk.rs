@@ -584,10 +584,19 @@ fn a_raw_disk_holding_an_image_header_stays_raw() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     upload(&d, &std::fs::read(&evil).unwrap());
-    assert!(
-        vol_xml(&d).contains("<format type='qcow2'/>"),
-        "libvirt probes it as qcow2 now"
-    );
+    // libvirt re-probes the pool after an upload, but skips that while any
+    // volume of the pool is being copied (storage_driver.c,
+    // virStorageVolPoolRefreshThread), as other tests' records are: refresh
+    // until it has, as a libvirtd restart would.
+    let probed = (0..100).any(|_| {
+        if vol_xml(&d).contains("<format type='qcow2'/>") {
+            return true;
+        }
+        let _ = tb().virsh(&["pool-refresh", &tb().pool_name()]);
+        std::thread::sleep(Duration::from_millis(100));
+        false
+    });
+    assert!(probed, "libvirt probes it as qcow2 now");
 
     let (t, m) = err_kind("snapshot_disk", json!([d, {}]));
     assert_eq!(t, "CloudError");

@@ -197,6 +197,11 @@ impl Libvirt {
     }
 }
 
+/// What a failed write of `data` to volume `name` was doing, for its error.
+fn writing(name: &str, data: &[u8]) -> String {
+    format!("writing {} bytes to volume {name}", data.len())
+}
+
 /// A qcow2 overlay of `capacity` bytes on the volume at `backing_path`.
 pub fn overlay_xml(
     name: &str,
@@ -254,7 +259,7 @@ impl Libvirt {
 
     /// Uploads `data` over the first bytes of `vol`.
     pub(super) fn upload_bytes(&self, vol: &StorageVol, name: &str, data: &[u8]) -> Result<()> {
-        let doing = || format!("writing {} bytes to volume {name}", data.len());
+        let doing = || writing(name, data);
         let mut upload = self
             .start_upload(vol, data.len() as u64, false)
             .map_err(|e| e.context(doing()))?;
@@ -276,8 +281,8 @@ impl Libvirt {
         if back != data {
             let free = self.pool_available(pool, true).unwrap_or(0);
             let message = format!(
-                "writing {} bytes to volume {name}: the volume does not read back what was written ({free} bytes free in the pool)",
-                data.len()
+                "{}: the volume does not read back what was written ({free} bytes free in the pool)",
+                writing(name, data)
             );
             return Err(if free < MIB {
                 CpiError::new(ErrorKind::NoDiskSpace, message)

@@ -29,24 +29,21 @@ impl Libvirt {
         let mut bytes = serde_json::to_vec(value)
             .map_err(|e| CpiError::cloud(format!("serializing {name}: {e}")))?;
         bytes.push(b'\n');
-        let mut size = bytes.len().div_ceil(SIDECAR_BLOCK) * SIDECAR_BLOCK;
+        let size = bytes.len().div_ceil(SIDECAR_BLOCK) * SIDECAR_BLOCK;
         if size as u64 > SIDECAR_MAX_BYTES {
             return Err(CpiError::cloud(format!(
                 "{name}: {} bytes of JSON is more than a sidecar may hold ({SIDECAR_MAX_BYTES})",
                 bytes.len()
             )));
         }
+        bytes.resize(size, b' ');
         let vol = match self.find_volume(pool, name)? {
             Some(vol) => vol,
-            None => {
-                let mut padded = bytes.clone();
-                padded.resize(size, b' ');
-                match self.create_volume_staged(pool, name, &padded) {
-                    Ok(_) => return Ok(()),
-                    // Lost a race with a concurrent writer of the same sidecar.
-                    Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
-                }
-            }
+            None => match self.create_volume_staged(pool, name, &bytes) {
+                Ok(_) => return Ok(()),
+                // Lost a race with a concurrent writer of the same sidecar.
+                Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
+            },
         };
         // Replacing a sidecar's content uploads in place (a reader sees the
         // old or the new document); libvirt then re-reads the pool.
@@ -54,9 +51,8 @@ impl Libvirt {
         if capacity < size as u64 {
             self.resize_volume(&vol, name, size as u64)?;
         } else {
-            size = usize::try_from(capacity).unwrap_or(size);
+            bytes.resize(usize::try_from(capacity).unwrap_or(size), b' ');
         }
-        bytes.resize(size, b' ');
         self.write_volume(pool, &vol, name, &bytes)
     }
 

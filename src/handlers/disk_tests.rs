@@ -150,6 +150,12 @@ fn create_disk_recounts_free_space_only_to_refuse() {
     made_disk(&host, 15);
     assert_eq!(recounts(&host), 1, "space freed since the last count");
 
+    // Exactly the recounted free space fits.
+    let host = FakeHost::new();
+    host.set_available(15 * MIB);
+    host.set_counted(5 * MIB);
+    made_disk(&host, 15);
+
     let host = FakeHost::new();
     host.set_available(10 * MIB);
     host.set_counted(5 * MIB);

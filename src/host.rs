@@ -198,8 +198,17 @@ pub trait DiskHost {
     /// A new, empty, sparse volume. A name in use is refused.
     fn create_volume(&self, name: &str, capacity: u64, format: DiskFormat) -> Result<()>;
     /// A new raw volume holding exactly `data`; nothing is left on failure.
-    /// A name in use is refused (what makes a lock).
+    /// A name in use is refused.
     fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Takes lock `name`, holding `owner`: only one caller can create it (a
+    /// name in use is refused); nothing is left on failure. Locks live beside
+    /// the pool's volumes, not among them (libvirt/staging.rs).
+    fn create_lock(&self, name: &str, owner: &[u8]) -> Result<()>;
+    /// What lock `name` holds (zeros or nothing when its write was killed);
+    /// `None` when there is no such lock.
+    fn read_lock(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Removes lock `name`; true if it was there.
+    fn remove_lock(&self, name: &str) -> Result<bool>;
     /// A new volume `name` holding a copy of volume `from`, converted to `format`.
     fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()>;
     fn resize_volume(&self, name: &str, capacity: u64) -> Result<()>;

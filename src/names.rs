@@ -10,7 +10,8 @@
 //! | snapshot volume (CID)        | `snap-<disk cid>-<YYYYMMDDTHHMMSS>-<6 hex>` |
 //! | a VM's volumes               | `<vm cid>-root`, `-ephemeral`, `-config.iso` |
 //! | marker of a stemcell, disk or snapshot | `<volume>.meta`                   |
-//! | a disk's tags, holder, lock  | `<disk cid>.tags`, `.holder`, `.lock`       |
+//! | a disk's tags, holder        | `<disk cid>.tags`, `.holder`                |
+//! | a disk's lock (staging pool) | `<disk cid>.lock`                           |
 //! | DHCP host entries of a VM    | `<vm cid>` on a network, then `<vm cid>-<n>` |
 //! | the ephemeral disk's serial  | `bosh-ephemeral` (how the agent finds it)   |
 //! | the CPI's element in a domain's `<metadata>` | namespace `urn:bosh-libvirt-cpi:vm:1`, prefix `bosh` |

@@ -268,15 +268,13 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn upload(vol: &str, bytes: &[u8]) {
+    upload_in(&tb().pool_name(), vol, bytes);
+}
+
+fn upload_in(pool: &str, vol: &str, bytes: &[u8]) {
     let f = scratch_dir("disk-up").join("data");
     std::fs::write(&f, bytes).unwrap();
-    tb().virsh_ok(&[
-        "vol-upload",
-        "--pool",
-        &tb().pool_name(),
-        vol,
-        f.to_str().unwrap(),
-    ]);
+    tb().virsh_ok(&["vol-upload", "--pool", pool, vol, f.to_str().unwrap()]);
 }
 
 fn download(vol: &str) -> Vec<u8> {
@@ -1089,19 +1087,32 @@ fn own_start_time() -> u64 {
     after.split_whitespace().nth(19).unwrap().parse().unwrap()
 }
 
-/// A raw volume in the test bed's pool holding `bytes` (a lock or record
-/// as a killed call would leave it).
+/// A raw volume in the test bed's pool holding `bytes` (a record as a
+/// killed call would leave it).
 fn put_volume(name: &str, bytes: &[u8]) {
+    put_volume_in(&tb().pool_name(), name, bytes);
+}
+
+fn put_volume_in(pool: &str, name: &str, bytes: &[u8]) {
     let size = bytes.len().max(1).to_string();
-    tb().virsh_ok(&[
-        "vol-create-as",
-        &tb().pool_name(),
-        name,
-        &size,
-        "--format",
-        "raw",
-    ]);
-    upload(name, bytes);
+    tb().virsh_ok(&["vol-create-as", pool, name, &size, "--format", "raw"]);
+    upload_in(pool, name, bytes);
+}
+
+/// The test bed's staging pool, where disks' locks live (src/libvirt/staging.rs).
+fn staging_pool() -> String {
+    format!("{}-staging", tb().pool_name())
+}
+
+/// A disk's lock as a killed (or a live) call would leave it.
+fn put_lock(name: &str, bytes: &[u8]) {
+    put_volume_in(&staging_pool(), name, bytes);
+}
+
+fn lock_exists(name: &str) -> bool {
+    vol_list_names(&tb().virsh(&["vol-list", &staging_pool()]))
+        .iter()
+        .any(|v| v == name)
 }
 
 /// The holder record: written before an attach, gone after the detach,
@@ -1122,7 +1133,7 @@ fn holder_records_and_locks_of_disks() {
 
     ok(cfg(), "attach_disk", json!([vm1.name, d]));
     assert_eq!(sidecar(&holder), json!({"vm": vm1.name}));
-    assert!(!vol_exists(&lock), "the lock is released");
+    assert!(!lock_exists(&lock), "the lock is released");
     ok(cfg(), "detach_disk", json!([vm1.name, d]));
     assert!(!vol_exists(&holder), "the record goes with the detach");
 
@@ -1139,7 +1150,7 @@ fn holder_records_and_locks_of_disks() {
     let mut child = Command::new("true").spawn().unwrap();
     let dead = child.id();
     child.wait().unwrap();
-    put_volume(&lock, creator_of(dead, 1).as_bytes());
+    put_lock(&lock, creator_of(dead, 1).as_bytes());
     let started = std::time::Instant::now();
     let r = run_cpi_raw(
         Some(cfg()),
@@ -1155,18 +1166,18 @@ fn holder_records_and_locks_of_disks() {
         "{}",
         r.stderr
     );
-    assert!(!vol_exists(&lock));
+    assert!(!lock_exists(&lock));
 
     // A lock created but never written (killed in between): removed after 10 s.
-    put_volume(&lock, &[0u8; 64]);
+    put_lock(&lock, &[0u8; 64]);
     let started = std::time::Instant::now();
     ok(cfg(), "detach_disk", json!([vm1.name, d]));
     let waited = started.elapsed().as_secs();
     assert!((10..30).contains(&waited), "waited {waited} s");
-    assert!(!vol_exists(&lock) && !vol_exists(&holder));
+    assert!(!lock_exists(&lock) && !vol_exists(&holder));
 
     // A live holder's lock (this test process): the call waits, then gives up retryably.
-    put_volume(
+    put_lock(
         &lock,
         creator_of(std::process::id(), own_start_time()).as_bytes(),
     );
@@ -1179,10 +1190,10 @@ fn holder_records_and_locks_of_disks() {
         "{r}"
     );
     assert!(
-        vol_exists(&d) && vol_exists(&lock),
+        vol_exists(&d) && lock_exists(&lock),
         "nothing touched under another's lock"
     );
-    tb().virsh_ok(&["vol-delete", "--pool", &tb().pool_name(), &lock]);
+    tb().virsh_ok(&["vol-delete", "--pool", &staging_pool(), &lock]);
 
     // A disk of an older CPI: its record has no holder_record; attached to
     // vm1 without a holder record, it is found there by reading the domains.
@@ -1220,7 +1231,7 @@ fn a_retried_delete_disk_removes_the_lock_a_killed_one_left() {
     let dead = child.id();
     child.wait().unwrap();
     let lock = format!("{d}.lock");
-    put_volume(&lock, creator_of(dead, 1).as_bytes());
+    put_lock(&lock, creator_of(dead, 1).as_bytes());
     tb().virsh_ok(&["vol-delete", "--pool", &tb().pool_name(), &d]);
 
     ok(cfg(), "delete_disk", json!([d]));
@@ -1230,6 +1241,7 @@ fn a_retried_delete_disk_removes_the_lock_a_killed_one_left() {
         .filter(|v| v.starts_with(&d))
         .collect();
     assert!(left.is_empty(), "left after the retry: {left:?}");
+    assert!(!lock_exists(&lock), "the lock is left");
 }
 
 /// Attaches of one disk to four VMs at the same moment: the disk's lock lets
@@ -1331,6 +1343,11 @@ fn disk_calls_never_make_libvirt_reread_the_pool() {
         "libvirt re-read the pool: {names:?}"
     );
     assert!(!names.iter().any(|n| n.starts_with("disk-")), "{names:?}");
+    let in_staging = vol_list_names(&tb().virsh(&["vol-list", &staging]));
+    assert!(
+        !in_staging.iter().any(|n| n.ends_with(".lock")),
+        "a lock was left: {in_staging:?}"
+    );
 
     // The check can fail: once libvirt re-reads the pool, the file is listed.
     tb().virsh_ok(&["pool-refresh", &pool.name]);

@@ -112,10 +112,20 @@ impl Host {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The pool's volumes, and the disks' locks in its staging pool's
+    /// directory (src/libvirt/staging.rs): a lock left behind counts like
+    /// any volume left behind.
     fn volumes(&self) -> BTreeSet<String> {
         let _ = self.virsh(&["pool-refresh", &self.pool]);
+        let locks = std::fs::read_dir(self.path.join(".staging"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".lock"));
         vol_list_names(&self.virsh(&["vol-list", &self.pool]))
             .into_iter()
+            .chain(locks)
             .collect()
     }
 

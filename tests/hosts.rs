@@ -95,8 +95,11 @@ impl Drop for Host2 {
         for vol in pool_volumes(tb, &self.pool) {
             let _ = tb.virsh(&["vol-delete", &vol, "--pool", &self.pool]);
         }
-        let _ = tb.virsh(&["pool-destroy", &self.pool]);
-        let _ = tb.virsh(&["pool-undefine", &self.pool]);
+        // The staging pool the CPI made inside it (src/libvirt/staging.rs) too.
+        for pool in [format!("{}-staging", self.pool), self.pool.clone()] {
+            let _ = tb.virsh(&["pool-destroy", &pool]);
+            let _ = tb.virsh(&["pool-undefine", &pool]);
+        }
         let _ = tb.virsh(&["net-destroy", &self.network]);
         let _ = tb.virsh(&["net-undefine", &self.network]);
         let _ = std::fs::remove_dir_all(&self.pool_dir);

@@ -44,7 +44,7 @@ fn attach_to_a_shut_off_vm_changes_its_definition_and_records_the_holder() {
     assert_eq!(serials(&vm.config), vec!["".to_string(), d.clone()]);
     assert!(vm.live.is_empty());
     assert_eq!(host.json(&holder_name(&d)).unwrap(), json!({ "vm": VM }));
-    assert!(!host.exists(&lock_name(&d)));
+    assert!(!host.lock_exists(&lock_name(&d)));
     // The record names the VM before the device is there (a kill in between
     // leaves a record that only costs a lookup, never an unrecorded holder).
     let calls = host.calls();
@@ -189,7 +189,7 @@ fn detach_removes_the_device_everywhere_and_the_holder_record() {
     assert_eq!(detach(&host, VM, &d).unwrap(), Value::Null);
     let vm = host.vm(VM).unwrap();
     assert!(vm.live.is_empty() && vm.config.is_empty());
-    assert!(!host.exists(&holder_name(&d)) && !host.exists(&lock_name(&d)));
+    assert!(!host.exists(&holder_name(&d)) && !host.lock_exists(&lock_name(&d)));
 }
 
 #[test]

@@ -241,7 +241,7 @@ pub fn delete_disk(host: &dyn DiskHost, log: &mut Logger, disk_cid: &str) -> Res
     host.delete_volume(&tags_name(disk_cid))?;
     host.delete_volume(&names::holder_name(disk_cid))?;
     host.delete_volume(&marker_name(disk_cid))?;
-    host.delete_volume(&names::lock_name(disk_cid))?;
+    host.remove_lock(&names::lock_name(disk_cid))?;
     Ok(Value::Null)
 }
 

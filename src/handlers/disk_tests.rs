@@ -38,13 +38,8 @@ fn err(r: Result<Value>) -> CpiError {
     r.expect_err("an error")
 }
 
-fn sidecars(cid: &str) -> [String; 4] {
-    [
-        marker_name(cid),
-        tags_name(cid),
-        holder_name(cid),
-        lock_name(cid),
-    ]
+fn sidecars(cid: &str) -> [String; 3] {
+    [marker_name(cid), tags_name(cid), holder_name(cid)]
 }
 
 // ---- has_disk -----------------------------------------------------------------
@@ -356,6 +351,7 @@ fn delete_disk_removes_the_disk_its_sidecars_and_its_lock() {
     set_disk_metadata(&host, &mut log(), &cid, &obj(json!({"a": "b"}))).unwrap();
     assert_eq!(delete_disk(&host, &mut log(), &cid).unwrap(), Value::Null);
     assert!(host.names().is_empty(), "{:?}", host.names());
+    assert!(!host.lock_exists(&lock_name(&cid)));
 }
 
 #[test]
@@ -365,8 +361,10 @@ fn delete_disk_of_an_absent_disk_succeeds_and_still_removes_sidecars() {
     for s in sidecars(&cid) {
         host.put_json(&s, &json!({}));
     }
+    host.put_lock(&lock_name(&cid), b"");
     delete_disk(&host, &mut log(), &cid).unwrap();
     assert!(host.names().is_empty(), "{:?}", host.names());
+    assert!(!host.lock_exists(&lock_name(&cid)));
     // and again, with nothing there at all
     delete_disk(&host, &mut log(), &cid).unwrap();
 }
@@ -383,7 +381,7 @@ fn delete_disk_refuses_while_attached_naming_the_vm() {
     assert!(e.message.contains(VM), "{}", e.message);
     assert!(e.message.contains("detach it first"), "{}", e.message);
     assert!(host.exists(&cid) && host.exists(&marker_name(&cid)));
-    assert!(!host.exists(&lock_name(&cid)), "the lock is released");
+    assert!(!host.lock_exists(&lock_name(&cid)), "the lock is released");
     // Its holder record is trusted: no scan of every VM.
     assert!(!host.calls().iter().any(|c| c.starts_with("disk_holders")));
 }
@@ -433,9 +431,10 @@ fn delete_disk_removes_the_lock_a_dead_call_left() {
         crate::creator::Creator::parse(dead).map(|c| c.liveness()),
         Some(crate::creator::Liveness::Dead)
     );
-    host.put_volume(&lock_name(&cid), 64, "raw", dead.as_bytes());
+    host.put_lock(&lock_name(&cid), dead.as_bytes());
     delete_disk(&host, &mut log(), &cid).unwrap();
     assert!(host.names().is_empty(), "{:?}", host.names());
+    assert!(!host.lock_exists(&lock_name(&cid)));
 }
 
 // ---- resize_disk ----------------------------------------------------------------

@@ -10,10 +10,11 @@
 //! read (a write killed half-way) falls back to reading every domain, as do
 //! disks made before (they have no such record).
 //!
-//! Every change of the record happens under the disk's lock `<cid>.lock`: a
-//! volume only one caller can create (libvirt refuses a second volume of the
-//! same name), holding its creator (`creator::Creator`), so the lock of a
-//! killed call is recognised and removed by the next one.
+//! Every change of the record happens under the disk's lock `<cid>.lock`
+//! (`DiskHost::create_lock`): a volume only one caller can create (libvirt
+//! refuses a second volume of the same name), holding its creator
+//! (`creator::Creator`), so the lock of a killed call is recognised and
+//! removed by the next one.
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,7 @@ pub(super) fn with_lock<T>(
 ) -> Result<T> {
     acquire(host, log, disk_cid)?;
     let out = f(log);
-    let released = host.delete_volume(&lock_name(disk_cid));
+    let released = host.remove_lock(&lock_name(disk_cid));
     if let Err(e) = released {
         log.warn(format!(
             "releasing the lock of disk {disk_cid}: {} (the next call on the disk removes it)",
@@ -58,23 +59,19 @@ fn acquire(host: &dyn DiskHost, log: &mut Logger, disk_cid: &str) -> Result<()> 
     let started = Instant::now();
     let mut unreadable_since: Option<Instant> = None;
     loop {
-        let refused = match host.create_volume_with(&name, me.as_bytes()) {
+        let refused = match host.create_lock(&name, me.as_bytes()) {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        let Some(facts) = host.volume(&name)? else {
+        let Some(owner) = host.read_lock(&name)? else {
             // No lock there: it was released meanwhile, or the creation failed for itself.
             if started.elapsed() > LOCK_WAIT {
                 return Err(refused.context(format!("locking disk {disk_cid}")));
             }
             continue;
         };
-        let holder = host
-            .read_volume(&name, facts.capacity.min(4096))
-            .ok()
-            .and_then(|bytes| {
-                Creator::parse(String::from_utf8_lossy(&bytes).trim_matches(['\0', ' ', '\n']))
-            });
+        let holder =
+            Creator::parse(String::from_utf8_lossy(&owner).trim_matches(['\0', ' ', '\n']));
         let stale = match &holder {
             Some(c) => c.liveness() == Liveness::Dead,
             None => {
@@ -89,7 +86,7 @@ fn acquire(host: &dyn DiskHost, log: &mut Logger, disk_cid: &str) -> Result<()> 
                     c.pid, c.boot_id
                 ))
             ));
-            host.delete_volume(&name)?;
+            host.remove_lock(&name)?;
             unreadable_since = None;
             continue;
         }

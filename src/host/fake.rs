@@ -41,6 +41,8 @@ struct State {
     sweeps: BTreeMap<String, f64>,
     now: f64,
     volumes: BTreeMap<String, Volume>,
+    /// Disks' locks, by name (beside the volumes, as on the real host).
+    locks: BTreeMap<String, Vec<u8>>,
     vms: BTreeMap<String, DomainDisks>,
     failures: Vec<Failure>,
     calls: Vec<String>,
@@ -173,6 +175,18 @@ impl FakeHost {
 
     pub fn names(&self) -> Vec<String> {
         self.s.borrow().volumes.keys().cloned().collect()
+    }
+
+    /// A lock as an earlier (maybe killed) call left it.
+    pub fn put_lock(&self, name: &str, owner: &[u8]) {
+        self.s
+            .borrow_mut()
+            .locks
+            .insert(name.to_string(), owner.to_vec());
+    }
+
+    pub fn lock_exists(&self, name: &str) -> bool {
+        self.s.borrow().locks.contains_key(name)
     }
 
     pub fn exists(&self, name: &str) -> bool {
@@ -309,6 +323,29 @@ impl DiskHost for FakeHost {
     fn create_volume_with(&self, name: &str, data: &[u8]) -> Result<()> {
         self.enter("create_volume_with", name)?;
         self.create(name, data.len() as u64, "raw", data)
+    }
+
+    fn create_lock(&self, name: &str, owner: &[u8]) -> Result<()> {
+        self.enter("create_lock", name)?;
+        let mut s = self.s.borrow_mut();
+        if s.locks.contains_key(name) {
+            return Err(CpiError::cloud(format!(
+                "creating volume {name}: storage volume '{name}' exists already"
+            ))
+            .retryable(true));
+        }
+        s.locks.insert(name.to_string(), owner.to_vec());
+        Ok(())
+    }
+
+    fn read_lock(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.enter("read_lock", name)?;
+        Ok(self.s.borrow().locks.get(name).cloned())
+    }
+
+    fn remove_lock(&self, name: &str) -> Result<bool> {
+        self.enter("remove_lock", name)?;
+        Ok(self.s.borrow_mut().locks.remove(name).is_some())
     }
 
     fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()> {

@@ -148,6 +148,21 @@ impl DiskHost for LibvirtHost<'_> {
         lv.create_volume_staged(pool, name, data).map(drop)
     }
 
+    fn create_lock(&self, name: &str, owner: &[u8]) -> Result<()> {
+        let (lv, pool) = self.parts()?;
+        lv.create_lock(pool, name, owner)
+    }
+
+    fn read_lock(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let (lv, pool) = self.parts()?;
+        lv.read_lock(pool, name)
+    }
+
+    fn remove_lock(&self, name: &str) -> Result<bool> {
+        let (lv, pool) = self.parts()?;
+        lv.remove_lock(pool, name)
+    }
+
     fn copy_volume(&self, name: &str, from: &str, capacity: u64, format: DiskFormat) -> Result<()> {
         let source = self.existing(from, "copying")?;
         let (lv, pool) = self.parts()?;

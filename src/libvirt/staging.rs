@@ -20,6 +20,9 @@
 //! raw -O raw` (seen with strace; byte-identical): one qemu-img run, a cost
 //! that does not grow with the pool.
 //!
+//! A disk's lock lives in the staging pool too, written there directly
+//! (`create_lock`): it exists only while a call runs, like a staged write.
+//!
 //! A staged volume is named after its writer (`Creator`): the first staging
 //! of a process removes what dead writers left there.
 
@@ -69,6 +72,43 @@ impl Libvirt {
             return Err(e);
         }
         Ok(vol)
+    }
+
+    /// Lock `name` (see `DiskHost::create_lock`): a volume of the staging
+    /// pool, created (refused when the name is taken) and written there
+    /// directly. A lock lives only while a call runs, so it is never staged
+    /// and copied like a record: the upload makes libvirt re-read only the
+    /// staging pool, which holds nothing but writes and locks in flight.
+    pub fn create_lock(&self, pool: &StoragePool, name: &str, owner: &[u8]) -> Result<()> {
+        let staging = self.staging_pool(pool)?;
+        let vol = self.create_volume(staging, name, owner.len() as u64, DiskFormat::Raw)?;
+        if let Err(e) = self.write_volume(staging, &vol, name, owner) {
+            let _ = vol.delete(0);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// What lock `name` holds (4 KiB at most); `None` when there is none,
+    /// also when it is removed between its lookup and the read.
+    pub fn read_lock(&self, pool: &StoragePool, name: &str) -> Result<Option<Vec<u8>>> {
+        let staging = self.staging_pool(pool)?;
+        let Some(vol) = self.find_volume(staging, name)? else {
+            return Ok(None);
+        };
+        let read = self
+            .volume_facts(&vol, name)
+            .and_then(|f| self.read_volume(&vol, name, f.capacity.min(4096)));
+        match read {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(_) if self.find_volume(staging, name)?.is_none() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn remove_lock(&self, pool: &StoragePool, name: &str) -> Result<bool> {
+        let staging = self.staging_pool(pool)?;
+        self.delete_volume(staging, name)
     }
 
     /// Whether a sweep of `pool`'s volumes named `prefix*` is due (see

@@ -37,13 +37,11 @@ impl Libvirt {
             )));
         }
         bytes.resize(size, b' ');
-        let vol = match self.find_volume(pool, name)? {
-            Some(vol) => vol,
-            None => match self.create_volume_staged(pool, name, &bytes) {
-                Ok(_) => return Ok(()),
-                // Lost a race with a concurrent writer of the same sidecar.
-                Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
-            },
+        // Most records are new: created first, looked up only when refused
+        // (the record exists, or a concurrent writer of it won a race).
+        let vol = match self.create_volume_staged(pool, name, &bytes) {
+            Ok(_) => return Ok(()),
+            Err(e) => self.find_volume(pool, name)?.ok_or(e)?,
         };
         // Replacing a sidecar's content uploads in place (a reader sees the
         // old or the new document); libvirt then re-reads the pool.

@@ -187,6 +187,21 @@ pub trait VmHost: DiskHost {
     /// Defines VM `spec.name`, not started, or replaces its definition.
     fn define_vm(&self, spec: &DomainSpec) -> Result<()>;
     fn start_vm(&self, vm_cid: &str) -> Result<()>;
+    /// Starts VM `vm_cid` paused (its guest does not run until `resume_vm`)
+    /// and runs `meanwhile` beside the rest of the start, once libvirt has
+    /// given the VM's NICs their ports on libvirt networks. A live update of
+    /// a libvirt network (a DHCP reservation, ~0.5 s) holds the network, and
+    /// a starting VM needs the network to get its ports: an update begun
+    /// first delays the whole start; begun after the ports, it runs beside
+    /// QEMU's launch. The start's error comes first (`meanwhile` is skipped
+    /// when the start failed before it could run).
+    fn start_paused_vm_with(
+        &self,
+        vm_cid: &str,
+        meanwhile: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()>;
+    /// Lets a paused VM's guest run.
+    fn resume_vm(&self, vm_cid: &str) -> Result<()>;
     /// Hard power-off; Ok when the VM is (now) not running or gone.
     fn destroy_vm(&self, vm_cid: &str) -> Result<()>;
     /// Removes the definition and what the host keeps with it; Ok when gone.
@@ -202,7 +217,8 @@ pub trait VmHost: DiskHost {
     fn reboot_vm(&self, vm_cid: &str, grace: Duration) -> Result<Option<RebootOutcome>>;
     /// The names of all VMs (domains of any name, ours or not), in one listing.
     fn vm_names(&self) -> Result<Vec<String>>;
-    /// The names of the VMs defined but not running.
+    /// The names of the VMs whose guest does not run: defined but not
+    /// running, or paused.
     fn stopped_vm_names(&self) -> Result<Vec<String>>;
 
     /// The config's network, defined and started when missing and the

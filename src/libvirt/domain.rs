@@ -1,13 +1,14 @@
 //! Domains (VMs): define / start / destroy / undefine, the persistent
 //! definition read back, the `bosh` metadata element and the title set live
 //! and in the persistent definition. The domain XML is `spec`'s, the metadata
-//! element `metadata`'s, rebooting `reboot`'s.
+//! element `metadata`'s, rebooting `reboot`'s, a paused start `start`'s.
 //!
 //! Not-found is a value here; handlers decide which BOSH error it becomes.
 
 mod metadata;
 mod reboot;
 mod spec;
+mod start;
 
 use virt::domain::Domain;
 use virt::sys;
@@ -36,12 +37,15 @@ impl Libvirt {
         Ok(doms.into_iter().filter_map(|d| d.name().ok()).collect())
     }
 
-    /// Defined domains that are not running, with their names (one call,
-    /// filtered by libvirt: on a BOSH host these are few).
-    pub fn inactive_domains(&self) -> Result<Vec<(String, Domain)>> {
+    /// Domains whose guest does not run: shut off (defined, not running) or
+    /// paused, with their names (one call, filtered by libvirt: on a BOSH
+    /// host these are few).
+    pub fn domains_not_running(&self) -> Result<Vec<(String, Domain)>> {
         let doms = self
             .conn()
-            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+            .list_all_domains(
+                sys::VIR_CONNECT_LIST_DOMAINS_SHUTOFF | sys::VIR_CONNECT_LIST_DOMAINS_PAUSED,
+            )
             .map_err(|e| lv_error("listing domains that are not running", e))?;
         Ok(doms
             .into_iter()

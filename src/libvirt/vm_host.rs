@@ -62,6 +62,33 @@ impl VmHost for LibvirtHost<'_> {
         self.libvirt()?.start_domain(&dom, vm_cid)
     }
 
+    /// The start runs on a thread of its own, over the same connection.
+    fn start_paused_vm_with(
+        &self,
+        vm_cid: &str,
+        meanwhile: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let dom = self.domain_of(vm_cid)?;
+        let lv = self.libvirt()?;
+        let watch = lv.watch_ports(&dom, vm_cid)?;
+        std::thread::scope(|s| {
+            let start = s.spawn(|| lv.start_domain_paused(&dom, vm_cid));
+            lv.wait_for_ports(&watch, &|| start.is_finished());
+            if start.is_finished() {
+                // Over before its ports showed: failed, or quicker than a poll.
+                joined(start, vm_cid)?;
+                return meanwhile();
+            }
+            let done = meanwhile();
+            joined(start, vm_cid).and(done)
+        })
+    }
+
+    fn resume_vm(&self, vm_cid: &str) -> Result<()> {
+        let dom = self.domain_of(vm_cid)?;
+        self.libvirt()?.resume_domain(&dom, vm_cid)
+    }
+
     fn destroy_vm(&self, vm_cid: &str) -> Result<()> {
         match self.lookup_domain(vm_cid)? {
             Some(dom) => self.libvirt()?.destroy_domain(&dom, vm_cid),
@@ -107,7 +134,7 @@ impl VmHost for LibvirtHost<'_> {
     fn stopped_vm_names(&self) -> Result<Vec<String>> {
         Ok(self
             .libvirt()?
-            .inactive_domains()?
+            .domains_not_running()?
             .into_iter()
             .map(|(name, _)| name)
             .collect())
@@ -178,6 +205,15 @@ impl VmHost for LibvirtHost<'_> {
     fn pause(&self, d: Duration) {
         std::thread::sleep(d);
     }
+}
+
+/// What the thread that started domain `vm_cid` returned.
+fn joined(start: std::thread::ScopedJoinHandle<'_, Result<()>>, vm_cid: &str) -> Result<()> {
+    start.join().unwrap_or_else(|_| {
+        Err(CpiError::cloud(format!(
+            "starting domain {vm_cid}: the thread panicked"
+        )))
+    })
 }
 
 /// Removes the DHCP entries `select` picks from every libvirt network.

@@ -1,6 +1,6 @@
-//! create_vm: validation, then the journal of what is made (domain, DHCP
-//! reservations, root overlay, ephemeral disk, config drive, start) and its
-//! undo, newest first, when a step fails. See the module doc of `super`.
+//! create_vm: validation, then the journal of what is made (domain, root
+//! overlay, ephemeral disk, config drive, start with the DHCP reservations)
+//! and its undo, newest first, when a step fails. See the module doc of `super`.
 
 use serde_json::{json, Value};
 
@@ -285,8 +285,87 @@ fn make_vm(
     journal.push(Made::Domain(vm_cid.to_string()));
     log.debug(format!("defined domain {vm_cid}"));
 
-    // 2. DHCP reservations: libvirt refuses a second entry with the same MAC,
-    // name or IP, which makes them the atomic IP allocation.
+    // 2. Root disk: a thin overlay on the stemcell.
+    host.create_overlay(
+        &root_name,
+        &m.stemcell.path,
+        m.stemcell.format,
+        m.root_bytes,
+    )?;
+    journal.push(Made::Volume(root_name.clone()));
+    log.debug(format!("created {root_name} on {}", m.stemcell.path));
+    let root = expect_path(host, &root_name, &spec.root_disk)?;
+    // delete_stemcell removes the marker, then looks for overlays; we made the
+    // overlay, now look for the marker: one of the two always sees the other.
+    if !host.stemcell_exists(args.stemcell_cid)? {
+        return Err(creation_failed(format!(
+            "stemcell '{}' was deleted while this VM was being created",
+            args.stemcell_cid
+        )));
+    }
+    sweep_killed_creates(host, log, &root, &root_name, vm_cid);
+    sweep_dead_creates(host, vm_cid, log);
+
+    // 3. Ephemeral disk, sparse.
+    if let (Some(name), Some(path)) = (&ephemeral_name, &spec.ephemeral_disk) {
+        host.create_volume(name, m.ephemeral_bytes, DiskFormat::Raw)?;
+        journal.push(Made::Volume(name.clone()));
+        log.debug(format!("created {name}"));
+        expect_path(host, name, path)?;
+    }
+
+    // 4. Config drive with the agent settings (networks carry their MACs).
+    // Journaled first: should the clean-up of a failed upload fail too, the
+    // undo tries again.
+    journal.push(Made::Volume(iso_name.clone()));
+    write_config_drive(host, log, m, nics, &iso_name, &spec)?;
+
+    // 5. Start, with the DHCP reservations (libvirt refuses a second entry
+    // with the same MAC, name or IP: they are the atomic IP allocation).
+    // Each is a live update of a libvirt network, ~0.5 s of libvirt's own:
+    // made while QEMU starts, paused, and the guest runs only once they
+    // exist (see VmHost::start_paused_vm_with).
+    if nics
+        .iter()
+        .any(|n| n.dhcp.is_some() && n.libvirt_network.is_some())
+    {
+        let mut macs_changed = false;
+        host.start_paused_vm_with(vm_cid, &mut || {
+            macs_changed = reserve(host, log, nics, journal)?;
+            Ok(())
+        })?;
+        if macs_changed {
+            // A MAC was taken (rare: they are random): the VM and its config
+            // drive carry the new one before its guest ever runs.
+            host.destroy_vm(vm_cid)?;
+            put_nics(&mut spec, nics);
+            host.define_vm(&spec)?;
+            host.delete_volume(&iso_name)?;
+            write_config_drive(host, log, m, nics, &iso_name, &spec)?;
+            host.start_vm(vm_cid)?;
+        } else {
+            host.resume_vm(vm_cid)?;
+        }
+    } else {
+        host.start_vm(vm_cid)?;
+    }
+    log.debug(format!("started domain {vm_cid}"));
+
+    // 6. Drop the creator record: the VM is complete, and only a delete_vm
+    // removes it from now on.
+    spec.metadata.creating = None;
+    host.set_vm_metadata(vm_cid, &spec.metadata)?;
+    Ok(())
+}
+
+/// Makes the DHCP reservations of `nics`, journaling each; true when a MAC
+/// had to change (it was taken), so the VM and its config drive must follow.
+fn reserve(
+    host: &dyn VmHost,
+    log: &mut Logger,
+    nics: &mut [NicPlan],
+    journal: &mut Vec<Made>,
+) -> Result<bool> {
     let mut macs_changed = false;
     for nic in nics.iter_mut() {
         let (Some(entry), Some(net_name)) = (nic.dhcp.clone(), nic.libvirt_network.clone()) else {
@@ -338,65 +417,34 @@ fn make_vm(
             entry,
         });
     }
-    if macs_changed {
-        put_nics(&mut spec, nics);
-        host.define_vm(&spec)?;
-    }
+    Ok(macs_changed)
+}
 
-    // 3. Root disk: a thin overlay on the stemcell.
-    host.create_overlay(
-        &root_name,
-        &m.stemcell.path,
-        m.stemcell.format,
-        m.root_bytes,
-    )?;
-    journal.push(Made::Volume(root_name.clone()));
-    log.debug(format!("created {root_name} on {}", m.stemcell.path));
-    let root = expect_path(host, &root_name, &spec.root_disk)?;
-    // delete_stemcell removes the marker, then looks for overlays; we made the
-    // overlay, now look for the marker: one of the two always sees the other.
-    if !host.stemcell_exists(args.stemcell_cid)? {
-        return Err(creation_failed(format!(
-            "stemcell '{}' was deleted while this VM was being created",
-            args.stemcell_cid
-        )));
-    }
-    sweep_killed_creates(host, log, &root, &root_name, vm_cid);
-    sweep_dead_creates(host, vm_cid, log);
-
-    // 4. Ephemeral disk, sparse.
-    if let (Some(name), Some(path)) = (&ephemeral_name, &spec.ephemeral_disk) {
-        host.create_volume(name, m.ephemeral_bytes, DiskFormat::Raw)?;
-        journal.push(Made::Volume(name.clone()));
-        log.debug(format!("created {name}"));
-        expect_path(host, name, path)?;
-    }
-
-    // 5. Config drive with the agent settings (networks now carry their MACs).
+/// Writes the VM's config drive: the agent settings, whose networks carry
+/// the NICs' MACs.
+fn write_config_drive(
+    host: &dyn VmHost,
+    log: &mut Logger,
+    m: &MakeInputs,
+    nics: &[NicPlan],
+    iso_name: &str,
+    spec: &DomainSpec,
+) -> Result<()> {
+    let args = m.args;
     let settings_networks = networks_with_macs(args.networks, nics);
     let agent_settings = settings::agent_settings(&SettingsInput {
         agent_id: args.agent_id,
-        vm_cid,
-        agent: &config.agent,
+        vm_cid: m.vm_cid,
+        agent: &m.config.agent,
         networks: &settings_networks,
-        has_ephemeral_disk: ephemeral_name.is_some(),
-        disk_bus: props.disk.bus,
+        has_ephemeral_disk: spec.ephemeral_disk.is_some(),
+        disk_bus: m.props.disk.bus,
         env: args.env,
     });
-    let iso = configdrive::build(&agent_settings, &settings::meta_data(vm_cid))?;
-    // Journaled first: should the clean-up of a failed upload fail too, the
-    // undo tries again.
-    journal.push(Made::Volume(iso_name.clone()));
-    host.create_volume_with(&iso_name, &iso)?;
+    let iso = configdrive::build(&agent_settings, &settings::meta_data(m.vm_cid))?;
+    host.create_volume_with(iso_name, &iso)?;
     log.debug(format!("uploaded {iso_name} ({} bytes)", iso.len()));
-    expect_path(host, &iso_name, &spec.config_drive)?;
-
-    // 6. Start (not waiting for the guest), then drop the creator record:
-    // the VM is complete, and only a delete_vm removes it from now on.
-    host.start_vm(vm_cid)?;
-    log.debug(format!("started domain {vm_cid}"));
-    spec.metadata.creating = None;
-    host.set_vm_metadata(vm_cid, &spec.metadata)?;
+    expect_path(host, iso_name, &spec.config_drive)?;
     Ok(())
 }
 

@@ -19,10 +19,19 @@ fn create(host: &FakeHost, ip: &str) -> Result<Value> {
 
 /// The undo of a create that made everything before its failure, newest first.
 const UNDO_ALL: [&str; 6] = [
+    "release",
     "delete_volume iso",
     "delete_volume ephemeral",
     "delete_volume root",
-    "release",
+    "destroy_vm",
+    "undefine_vm",
+];
+
+/// The undo of a create that failed before it had its reservation.
+const UNDO_ALL_BUT_THE_RESERVATION: [&str; 5] = [
+    "delete_volume iso",
+    "delete_volume ephemeral",
+    "delete_volume root",
     "destroy_vm",
     "undefine_vm",
 ];
@@ -105,6 +114,63 @@ fn a_vm_runs_with_its_volumes_and_reservation_and_the_v2_result_carries_the_mac(
             ip: Some("10.0.16.10".into()),
         }]
     );
+}
+
+/// The reservation is made while the VM starts paused, after everything
+/// else, and the guest runs only once it exists.
+#[test]
+fn the_guest_runs_only_once_its_reservation_exists() {
+    let host = fake();
+    let out = create(&host, "10.0.16.10").unwrap();
+    let vm = out[0].as_str().unwrap();
+    let calls = host.calls();
+    let at = |op: &str| {
+        calls
+            .iter()
+            .position(|c| c.split(' ').next() == Some(op))
+            .unwrap_or_else(|| panic!("no {op}: {calls:?}"))
+    };
+    assert!(at("create_volume_with") < at("start_vm"), "{calls:?}");
+    assert!(at("start_vm") < at("reserve"), "{calls:?}");
+    assert!(at("reserve") < at("resume_vm"), "{calls:?}");
+    let d = host.domain(vm).unwrap();
+    assert!(d.running && !d.paused);
+}
+
+#[test]
+fn a_vm_without_reservations_starts_unpaused() {
+    let host = fake();
+    let dynamic = json!({"d": {"type": "dynamic", "cloud_properties": {}}});
+    let out = create_with(&host, dynamic, json!({}), Some(3)).unwrap();
+    let d = host.domain(out[0].as_str().unwrap()).unwrap();
+    assert!(d.running && !d.paused);
+    assert!(!host
+        .calls()
+        .iter()
+        .any(|c| c.starts_with("reserve") || c.starts_with("resume_vm")));
+}
+
+/// A MAC somebody else reserved first: the reservation is made with a new
+/// one, and the VM and its config drive carry it before the guest runs.
+#[test]
+fn a_taken_mac_is_replaced_in_the_vm_and_its_config_drive_before_the_guest_runs() {
+    let host = fake();
+    host.take_next_mac();
+    let out = create(&host, "10.0.16.10").unwrap();
+    let vm = out[0].as_str().unwrap();
+    let mac = out[1]["private"]["mac"].as_str().unwrap().to_string();
+    let held = host.reservations(NET);
+    assert_eq!(held.len(), 2, "{held:?}");
+    let taken = held[0].mac.clone().unwrap();
+    assert_eq!(held[1].mac.as_deref(), Some(mac.as_str()));
+    assert_ne!(taken, mac);
+    let d = host.domain(vm).unwrap();
+    assert!(d.running && !d.paused);
+    assert_eq!(d.spec.nics[0].0, mac);
+    let iso =
+        String::from_utf8_lossy(&host.data(&names::config_drive_volume(vm)).unwrap()).into_owned();
+    assert!(iso.contains(&mac) && !iso.contains(&taken), "{iso}");
+    assert!(!host.calls().iter().any(|c| c.starts_with("resume_vm")));
 }
 
 #[test]
@@ -210,39 +276,23 @@ fn a_failed_define_leaves_nothing_and_is_retryable_when_the_failure_is() {
 }
 
 #[test]
-fn a_failed_reservation_undoes_the_domain() {
+fn a_failed_root_overlay_undoes_the_domain() {
     let host = fake();
-    host.fail_next(
-        "reserve",
-        CpiError::cloud("adding DHCP host: internal error"),
-    );
+    host.fail_next("create_overlay", retryable("creating root overlay: busy"));
     let e = failure(create(&host, "10.0.16.10"));
-    assert!(!e.ok_to_retry, "a non-transient failure is not retried");
+    assert!(e.ok_to_retry);
     assert_eq!(undo_calls(&host), vec!["destroy_vm", "undefine_vm"]);
     assert_nothing_left(&host);
 }
 
 #[test]
-fn a_failed_root_overlay_undoes_reservation_then_domain() {
-    let host = fake();
-    host.fail_next("create_overlay", retryable("creating root overlay: busy"));
-    let e = failure(create(&host, "10.0.16.10"));
-    assert!(e.ok_to_retry);
-    assert_eq!(
-        undo_calls(&host),
-        vec!["release", "destroy_vm", "undefine_vm"]
-    );
-    assert_nothing_left(&host);
-}
-
-#[test]
-fn a_failed_ephemeral_volume_undoes_root_reservation_domain_newest_first() {
+fn a_failed_ephemeral_volume_undoes_root_and_domain_newest_first() {
     let host = fake();
     host.fail_next("create_volume", retryable("creating volume: busy"));
     failure(create(&host, "10.0.16.10"));
     assert_eq!(
         undo_calls(&host),
-        vec!["delete_volume root", "release", "destroy_vm", "undefine_vm"]
+        vec!["delete_volume root", "destroy_vm", "undefine_vm"]
     );
     assert_nothing_left(&host);
 }
@@ -253,17 +303,42 @@ fn a_failed_config_drive_is_itself_undone_with_everything_before_it() {
     host.fail_next("create_volume_with", retryable("uploading: stream error"));
     let e = failure(create(&host, "10.0.16.10"));
     assert!(e.ok_to_retry);
-    assert_eq!(undo_calls(&host), UNDO_ALL);
+    assert_eq!(undo_calls(&host), UNDO_ALL_BUT_THE_RESERVATION);
     assert_nothing_left(&host);
 }
 
 #[test]
-fn a_failed_start_undoes_everything() {
+fn a_failed_start_undoes_everything_and_reserves_nothing() {
     let host = fake();
     host.fail_next("start_vm", CpiError::cloud("starting domain: no KVM"));
     let e = failure(create(&host, "10.0.16.10"));
     assert!(!e.ok_to_retry);
     assert!(e.message.contains("no KVM"), "{}", e.message);
+    assert!(!host.calls().iter().any(|c| c.starts_with("reserve")));
+    assert_eq!(undo_calls(&host), UNDO_ALL_BUT_THE_RESERVATION);
+    assert_nothing_left(&host);
+}
+
+#[test]
+fn a_failed_reservation_undoes_the_paused_vm_and_everything_before_it() {
+    let host = fake();
+    host.fail_next(
+        "reserve",
+        CpiError::cloud("adding DHCP host: internal error"),
+    );
+    let e = failure(create(&host, "10.0.16.10"));
+    assert!(!e.ok_to_retry, "a non-transient failure is not retried");
+    assert!(!host.calls().iter().any(|c| c.starts_with("resume_vm")));
+    assert_eq!(undo_calls(&host), UNDO_ALL_BUT_THE_RESERVATION);
+    assert_nothing_left(&host);
+}
+
+#[test]
+fn a_failed_resume_undoes_everything() {
+    let host = fake();
+    host.fail_next("resume_vm", retryable("resuming domain: timeout"));
+    let e = failure(create(&host, "10.0.16.10"));
+    assert!(e.ok_to_retry);
     assert_eq!(undo_calls(&host), UNDO_ALL);
     assert_nothing_left(&host);
 }
@@ -280,7 +355,7 @@ fn a_failure_after_the_start_destroys_the_running_vm_too() {
 #[test]
 fn an_incomplete_undo_is_never_retryable_and_says_what_is_left() {
     let host = fake();
-    host.fail_next("start_vm", retryable("starting domain: busy"));
+    host.fail_next("resume_vm", retryable("resuming domain: busy"));
     host.fail_next("release", CpiError::cloud("removing DHCP host: denied"));
     let e = failure(create(&host, "10.0.16.10"));
     assert!(
@@ -381,14 +456,16 @@ fn an_ip_held_by_a_create_that_has_volumes_but_no_domain_yet_is_refused() {
 // ---- the sweeps every create runs -----------------------------------------------
 
 #[test]
-fn a_create_removes_never_started_vms_of_dead_creators_only() {
+fn a_create_removes_vms_of_dead_creators_whose_guest_never_ran_only() {
     let host = fake();
     let dead_stopped = names::new_vm_cid();
+    let dead_paused = names::new_vm_cid();
     let dead_running = names::new_vm_cid();
     let live_stopped = names::new_vm_cid();
     let finished = names::new_vm_cid();
     host.put_domain(&dead_stopped, false, creating(&dead_creator()));
     host.put_volume(&names::root_volume(&dead_stopped), 1, "qcow2", b"");
+    host.put_paused_domain(&dead_paused, creating(&dead_creator()));
     host.put_domain(&dead_running, true, creating(&dead_creator()));
     let live = Creator::this_process().unwrap();
     host.put_domain(&live_stopped, false, creating(&live));
@@ -397,6 +474,7 @@ fn a_create_removes_never_started_vms_of_dead_creators_only() {
 
     create(&host, "10.0.16.10").unwrap();
     assert!(host.domain(&dead_stopped).is_none());
+    assert!(host.domain(&dead_paused).is_none());
     assert!(!host.exists(&names::root_volume(&dead_stopped)));
     for kept in [&dead_running, &live_stopped, &finished, "someone-elses"] {
         assert!(host.domain(kept).is_some(), "{kept}");

@@ -128,9 +128,10 @@ fn remove_killed_create(
 }
 
 /// Best effort, never fails create_vm: removes the VMs of killed create_vm
-/// calls that never started (defined, not running, creator dead). One that
-/// was killed in the moment between its start and the end of the call runs
-/// on; it is removed when a create_vm needs its IP.
+/// calls whose guest never ran (defined and not running, or started paused
+/// while the call made its reservations; creator dead). One that was killed
+/// in the moment between its guest's start and the end of the call runs on;
+/// it is removed when a create_vm needs its IP.
 pub(super) fn sweep_dead_creates(host: &dyn VmHost, own: &str, log: &mut Logger) {
     let doms = match host.stopped_vm_names() {
         Ok(doms) => doms,

@@ -3,11 +3,12 @@
 //!
 //! create_vm validates everything it can before it makes anything, then makes
 //! objects in the order domain (defined, not started, recording the process
-//! that creates it), DHCP reservations, root overlay, ephemeral disk, config
-//! drive, start, and records each in a journal; any failure undoes the
-//! journal before `VMCreationFailed` goes back (`ok_to_retry` only when the
-//! undo was complete and the failure looks transient). Once the VM runs, the
-//! creator record is dropped.
+//! that creates it), root overlay, ephemeral disk, config drive, start (paused
+//! while the DHCP reservations are made beside QEMU's launch, then resumed),
+//! and records each in a journal; any failure undoes the journal before
+//! `VMCreationFailed` goes back (`ok_to_retry` only when the undo was complete
+//! and the failure looks transient). Once the VM runs, the creator record is
+//! dropped.
 //!
 //! delete_vm removes only what belongs to the VM: the domain, volumes named
 //! `<vm_cid>-*` (never a persistent disk, attached or not, never a stemcell)
@@ -17,7 +18,7 @@
 //! never runs its journal, and the director never learned that CID. Its
 //! domain still records a creator that is gone: a create_vm that needs an IP
 //! it holds removes it at once, and every create_vm removes such domains
-//! that never started. Leftovers of older CPI versions (volumes without a
+//! whose guest never ran. Leftovers of older CPI versions (volumes without a
 //! domain) are judged by age: every create_vm, once it has its root overlay,
 //! also sweeps VM CIDs that have volumes but no domain and whose volumes all
 //! have been untouched for 30 minutes by the host's clock (read from the

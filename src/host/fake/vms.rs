@@ -24,6 +24,8 @@ use crate::vm_spec::{CpuMode, DiskOptions, Firmware, NicSource};
 pub struct FakeVm {
     pub spec: DomainSpec,
     pub running: bool,
+    /// Started paused and not resumed yet (its guest does not run).
+    pub paused: bool,
     pub metadata: VmMetadata,
     pub title: Option<String>,
 }
@@ -36,6 +38,8 @@ pub(super) struct Machines {
     networks: BTreeMap<String, (NetworkInfo, bool)>,
     /// The host's interfaces (bridges, devices).
     interfaces: BTreeSet<String>,
+    /// Somebody else reserves the MAC of the next reservation first.
+    mac_taken_next: bool,
 }
 
 impl FakeHost {
@@ -48,6 +52,12 @@ impl FakeHost {
             .machines
             .networks
             .insert(name.to_string(), (info, true));
+    }
+
+    /// The MAC of the next reservation is taken by somebody else just before
+    /// (MACs are random: only a race or bad luck makes this happen).
+    pub fn take_next_mac(&self) {
+        self.s.borrow_mut().machines.mac_taken_next = true;
     }
 
     /// A reservation made by somebody else (or an earlier call).
@@ -82,6 +92,13 @@ impl FakeHost {
         self.put_json(&names::marker_name(cid), record);
     }
 
+    /// A VM started paused, as a create_vm killed while it made its
+    /// reservations left it.
+    pub fn put_paused_domain(&self, vm_cid: &str, metadata: VmMetadata) {
+        self.put_domain(vm_cid, true, metadata);
+        self.set_paused(vm_cid, true);
+    }
+
     /// A VM as an earlier create_vm left it, with the metadata given.
     pub fn put_domain(&self, vm_cid: &str, running: bool, metadata: VmMetadata) {
         let spec = minimal_spec(vm_cid, metadata.clone());
@@ -91,6 +108,7 @@ impl FakeHost {
             FakeVm {
                 spec,
                 running,
+                paused: false,
                 metadata,
                 title: None,
             },
@@ -122,10 +140,17 @@ impl FakeHost {
         Ok(f(vm))
     }
 
+    fn set_paused(&self, vm_cid: &str, paused: bool) {
+        if let Some(vm) = self.s.borrow_mut().machines.vms.get_mut(vm_cid) {
+            vm.paused = paused;
+        }
+    }
+
     fn set_running(&self, vm_cid: &str, running: bool) {
         let mut s = self.s.borrow_mut();
         if let Some(vm) = s.machines.vms.get_mut(vm_cid) {
             vm.running = running;
+            vm.paused &= running;
         }
         if let Some(d) = s.vms.get_mut(vm_cid) {
             d.running = running;
@@ -232,21 +257,22 @@ impl VmHost for FakeHost {
     fn define_vm(&self, spec: &DomainSpec) -> Result<()> {
         self.enter("define_vm", &spec.name)?;
         let mut s = self.s.borrow_mut();
-        let running = match s.machines.vms.get(&spec.name) {
+        let (running, paused) = match s.machines.vms.get(&spec.name) {
             Some(old) if old.spec.uuid != spec.uuid => {
                 return Err(CpiError::cloud(format!(
                     "defining domain {}: domain '{}' already exists with uuid {}",
                     spec.name, spec.name, old.spec.uuid
                 )))
             }
-            Some(old) => old.running,
-            None => false,
+            Some(old) => (old.running, old.paused),
+            None => (false, false),
         };
         s.machines.vms.insert(
             spec.name.clone(),
             FakeVm {
                 spec: spec.clone(),
                 running,
+                paused,
                 metadata: spec.metadata.clone(),
                 title: None,
             },
@@ -277,6 +303,23 @@ impl VmHost for FakeHost {
             }
         }
         self.set_running(vm_cid, true);
+        Ok(())
+    }
+
+    /// The start, then `meanwhile`: the order the real host guarantees.
+    fn start_paused_vm_with(
+        &self,
+        vm_cid: &str,
+        meanwhile: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.start_vm(vm_cid)?;
+        self.set_paused(vm_cid, true);
+        meanwhile()
+    }
+
+    fn resume_vm(&self, vm_cid: &str) -> Result<()> {
+        self.enter("resume_vm", vm_cid)?;
+        self.set_paused(vm_cid, false);
         Ok(())
     }
 
@@ -340,12 +383,11 @@ impl VmHost for FakeHost {
 
     fn stopped_vm_names(&self) -> Result<Vec<String>> {
         self.enter("stopped_vm_names", "")?;
-        Ok(self
-            .s
-            .borrow()
-            .vms
+        let s = self.s.borrow();
+        let paused = |n: &str| s.machines.vms.get(n).is_some_and(|vm| vm.paused);
+        Ok(s.vms
             .iter()
-            .filter(|(_, d)| !d.running)
+            .filter(|(n, d)| !d.running || paused(n))
             .map(|(n, _)| n.clone())
             .collect())
     }
@@ -406,11 +448,19 @@ impl VmHost for FakeHost {
     fn reserve(&self, network: &str, host: &DhcpHost) -> Result<()> {
         self.enter("reserve", network)?;
         let mut s = self.s.borrow_mut();
+        let taken = std::mem::take(&mut s.machines.mac_taken_next);
         let (info, _) = s
             .machines
             .networks
             .get_mut(network)
             .ok_or_else(|| CpiError::vanished(format_args!("libvirt network {network}")))?;
+        if taken {
+            info.hosts.push(DhcpHost {
+                mac: host.mac.clone(),
+                name: Some("somebody-else".into()),
+                ip: None,
+            });
+        }
         let same = |a: &Option<String>, b: &Option<String>| {
             a.is_some()
                 && a.as_deref().map(str::to_ascii_lowercase)

@@ -1346,7 +1346,7 @@ fn disk_calls_never_make_libvirt_reread_the_pool() {
     let in_staging = vol_list_names(&tb().virsh(&["vol-list", &staging]));
     assert!(
         !in_staging.iter().any(|n| n.ends_with(".lock")),
-        "a lock was left: {in_staging:?}"
+        "a lock (a disk's or the copy lock) was left: {in_staging:?}"
     );
 
     // The check can fail: once libvirt re-reads the pool, the file is listed.

@@ -113,8 +113,9 @@ impl Host {
     }
 
     /// The pool's volumes, and the disks' locks in its staging pool's
-    /// directory (src/libvirt/staging.rs): a lock left behind counts like
-    /// any volume left behind.
+    /// directory (src/libvirt/staging.rs): a disk's lock left behind counts
+    /// like any volume left behind. (The staging pool's own `copying.lock`
+    /// of a killed call goes with the next copy: src/libvirt/copy_lock.rs.)
     fn volumes(&self) -> BTreeSet<String> {
         let _ = self.virsh(&["pool-refresh", &self.pool]);
         let locks = std::fs::read_dir(self.path.join(".staging"))
@@ -122,7 +123,7 @@ impl Host {
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".lock"));
+            .filter(|n| n.starts_with("disk-") && n.ends_with(".lock"));
         vol_list_names(&self.virsh(&["vol-list", &self.pool]))
             .into_iter()
             .chain(locks)

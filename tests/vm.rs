@@ -1018,10 +1018,20 @@ fn a_killed_create_vm_never_blocks_the_retry_and_leaves_nothing() {
             // answer: a complete orphan the director never learned of, as on
             // any IaaS, and no sweep may take it for a leftover
             // (tests/faults.rs `settle_orphans` counts these the same way).
+            // (Another test's create_vm may be sweeping it meanwhile: a
+            // domain gone between the listing and the look is no orphan.)
             for vm in vm_domains_mentioning(tb, &format!(">{agent}<")) {
-                let xml = tb.virsh_ok(&["dumpxml", &vm]);
-                let running = tb.virsh_ok(&["domstate", &vm]).contains("running");
-                if running && !xml.contains(":creating>") {
+                let look = |args: &[&str]| {
+                    let out = tb.virsh(args);
+                    out.status
+                        .success()
+                        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+                };
+                let (Some(xml), Some(state)) = (look(&["dumpxml", &vm]), look(&["domstate", &vm]))
+                else {
+                    continue;
+                };
+                if state.contains("running") && !xml.contains(":creating>") {
                     orphans += 1;
                     ok(&pool.config, "delete_vm", json!([vm]));
                 }

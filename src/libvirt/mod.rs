@@ -5,6 +5,7 @@
 //! libvirt's reason. "Not found" is a value here (`Option`), never an error;
 //! handlers decide which BOSH type it becomes.
 
+mod copy_lock;
 pub mod disk;
 pub mod domain;
 pub mod host;

@@ -20,6 +20,9 @@
 //! raw -O raw` (seen with strace; byte-identical): one qemu-img run, a cost
 //! that does not grow with the pool.
 //!
+//! Copies between the two pools are made one at a time (copy_lock.rs: two
+//! at once can deadlock libvirtd).
+//!
 //! A disk's lock lives in the staging pool too, written there directly
 //! (`create_lock`): it exists only while a call runs, like a staged write.
 //!
@@ -56,14 +59,16 @@ impl Libvirt {
         let made = self
             .upload_bytes(&staged, &staged_name, data)
             .and_then(|()| {
-                self.clone_volume(
-                    pool,
-                    name,
-                    &staged,
-                    &staged_name,
-                    data.len() as u64,
-                    DiskFormat::Raw,
-                )
+                self.copying_exclusively(staging, || {
+                    self.clone_volume(
+                        pool,
+                        name,
+                        &staged,
+                        &staged_name,
+                        data.len() as u64,
+                        DiskFormat::Raw,
+                    )
+                })
             });
         let _ = staged.delete(0);
         let vol = made?;

@@ -481,6 +481,30 @@ fn a_create_removes_vms_of_dead_creators_whose_guest_never_ran_only() {
     }
 }
 
+/// A VM a killed create_vm made from another pool on the same libvirtd
+/// (another CPI config): only that config can delete its volumes, so this
+/// one leaves it, also when it needs its IP.
+#[test]
+fn a_dead_create_of_another_pool_is_left_to_its_own_config() {
+    let host = fake();
+    let elsewhere = VmMetadata {
+        stemcell: "sc-00000000-0000-4000-8000-000000000000".into(),
+        ..creating(&dead_creator())
+    };
+    host.put_domain(OTHER_VM, false, elsewhere.clone());
+    let stopped = names::new_vm_cid();
+    host.put_domain(&stopped, false, elsewhere);
+    host.put_reservation(NET, entry("02:00:00:00:00:01", OTHER_VM, "10.0.16.10"));
+    let e = failure(create(&host, "10.0.16.10"));
+    assert!(e.message.contains("already reserved"), "{}", e.message);
+    assert!(host.domain(OTHER_VM).is_some());
+    assert!(host.domain(&stopped).is_some());
+    // Its root disk in this pool makes it this pool's again.
+    host.put_volume(&names::root_volume(OTHER_VM), 1 << 30, "qcow2", b"");
+    create(&host, "10.0.16.10").unwrap();
+    assert!(host.domain(OTHER_VM).is_none());
+}
+
 #[test]
 fn a_vm_whose_creator_ran_on_another_machine_is_removed_only_once_that_is_old() {
     let host = fake();
@@ -548,8 +572,10 @@ fn dead_creator() -> Creator {
     c
 }
 
+/// The metadata of a VM made from `SC` (in this pool) by `c`, still creating.
 fn creating(c: &Creator) -> VmMetadata {
     VmMetadata {
+        stemcell: SC.to_string(),
         creating: Some(c.to_string()),
         ..Default::default()
     }

@@ -37,7 +37,7 @@ pub(super) fn reclaim_stale_reservation(
         return Ok(false);
     };
     if let Some(facts) = host.vm_facts(vm)? {
-        return match dead_creator(&facts, vm, log) {
+        return match dead_creator(host, &facts, vm, log)? {
             Some(c) => {
                 let why = format!(", which holds {} on {net_name}", entry.to_xml());
                 remove_killed_create(host, vm, &c, &why, log)
@@ -82,16 +82,36 @@ pub(super) fn reclaim_stale_reservation(
 /// The create_vm that made `vm`, when its domain still records one (it
 /// ran until the VM was started) and that process is dead: the create_vm
 /// was killed, or libvirtd died under it, and the director never learned
-/// the CID. None for a complete VM or a create_vm still at work.
-fn dead_creator(facts: &DomainFacts, vm: &str, log: &mut Logger) -> Option<Creator> {
-    let creating = facts.metadata.as_ref()?.creating.as_deref()?;
+/// the CID. None for a complete VM or a create_vm still at work, and for a
+/// VM made from another pool (its stemcell and its root disk are not in
+/// this one): a CPI config for another pool on the same libvirtd removes
+/// that, as only it can delete the volumes there.
+fn dead_creator(
+    host: &dyn VmHost,
+    facts: &DomainFacts,
+    vm: &str,
+    log: &mut Logger,
+) -> Result<Option<Creator>> {
+    let Some(md) = facts.metadata.as_ref() else {
+        return Ok(None);
+    };
+    let Some(creating) = md.creating.as_deref() else {
+        return Ok(None);
+    };
     let Some(creator) = Creator::parse(creating) else {
         log.warn(format!(
             "{vm} records an unreadable creator '{creating}': leaving it"
         ));
-        return None;
+        return Ok(None);
     };
-    (creator.liveness() == Liveness::Dead).then_some(creator)
+    if creator.liveness() != Liveness::Dead {
+        return Ok(None);
+    }
+    let stemcell_here = names::is_stemcell_cid(&md.stemcell) && host.volume_exists(&md.stemcell)?;
+    if !stemcell_here && !host.volume_exists(&names::root_volume(vm))? {
+        return Ok(None);
+    }
+    Ok(Some(creator))
 }
 
 /// Removes a VM whose create_vm died (see `dead_creator`) as delete_vm
@@ -148,7 +168,11 @@ pub(super) fn sweep_dead_creates(host: &dyn VmHost, own: &str, log: &mut Logger)
             continue;
         }
         let removed = host.vm_facts(&vm).and_then(|facts| {
-            match facts.and_then(|f| dead_creator(&f, &vm, log)) {
+            let dead = match facts {
+                Some(f) => dead_creator(host, &f, &vm, log)?,
+                None => None,
+            };
+            match dead {
                 Some(c) => remove_killed_create(host, &vm, &c, "", log),
                 None => Ok(true),
             }

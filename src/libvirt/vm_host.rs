@@ -63,6 +63,9 @@ impl VmHost for LibvirtHost<'_> {
     }
 
     /// The start runs on a thread of its own, over the same connection.
+    /// Ports that cannot be counted (a libvirt older than 5.5 has no port
+    /// API) are not waited for: `meanwhile` then runs at once, before the
+    /// start has its ports, and the start waits for it.
     fn start_paused_vm_with(
         &self,
         vm_cid: &str,
@@ -70,7 +73,7 @@ impl VmHost for LibvirtHost<'_> {
     ) -> Result<()> {
         let dom = self.domain_of(vm_cid)?;
         let lv = self.libvirt()?;
-        let watch = lv.watch_ports(&dom, vm_cid)?;
+        let watch = lv.watch_ports(&dom, vm_cid).unwrap_or_default();
         std::thread::scope(|s| {
             let start = s.spawn(|| lv.start_domain_paused(&dom, vm_cid));
             lv.wait_for_ports(&watch, &|| start.is_finished());

@@ -16,10 +16,11 @@ use crate::host::{DhcpHost, DiskRef, DomainFacts, VmHost, VolumeFacts};
 use crate::log::Logger;
 use crate::names;
 
-/// A live create_vm makes its root overlay within milliseconds of reserving
-/// its IPs; a reservation whose VM still has no domain and no volume this
-/// long after it was first seen belongs to a create_vm that was killed (or
-/// whose undo failed). DHCP entries carry no time, so this is the only age.
+/// A live create_vm has defined its domain and made its volumes before it
+/// reserves its IPs (and its undo releases them before it deletes those); a
+/// reservation whose VM still has no domain and no volume this long after it
+/// was first seen belongs to a create_vm that was killed (or whose undo
+/// failed). DHCP entries carry no time, so this is the only age.
 const STALE_RESERVATION_RECHECK: Duration = Duration::from_secs(2);
 
 /// When `entry` (which holds the IP a reservation needs) is named after a VM

@@ -26,7 +26,8 @@ const PORT_POLL: Duration = Duration::from_millis(5);
 const PORT_WAIT: Duration = Duration::from_secs(10);
 
 /// The networks a domain's NICs are on, each with the number of ports it
-/// has once the domain's are given.
+/// has once the domain's are given (none: nothing to wait for).
+#[derive(Default)]
 pub struct PortWatch(Vec<(Network, String, usize)>);
 
 impl Libvirt {

@@ -62,6 +62,13 @@ impl Creator {
         }
     }
 
+    /// The creator a lock volume holds (its text, maybe padded with zeros,
+    /// spaces or a newline); `None` when it holds none (a write killed
+    /// before it began leaves zeros).
+    pub fn from_lock(bytes: &[u8]) -> Option<Creator> {
+        Creator::parse(String::from_utf8_lossy(bytes).trim_matches(['\0', ' ', '\n']))
+    }
+
     /// Reads `boot_id:pid:start:since` as `Display` writes it.
     pub fn parse(s: &str) -> Option<Creator> {
         let mut parts = s.trim().split(':');
@@ -119,6 +126,16 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_holds_its_creator_padded_or_none() {
+        let me = Creator::this_process().expect("Linux /proc");
+        let mut padded = format!("{me}\n  ").into_bytes();
+        padded.extend([0u8; 8]);
+        assert_eq!(Creator::from_lock(&padded), Some(me));
+        assert_eq!(Creator::from_lock(&[0u8; 64]), None);
+        assert_eq!(Creator::from_lock(b""), None);
+    }
 
     #[test]
     fn this_process_is_alive_and_a_dead_one_is_dead() {

@@ -70,8 +70,7 @@ fn acquire(host: &dyn DiskHost, log: &mut Logger, disk_cid: &str) -> Result<()> 
             }
             continue;
         };
-        let holder =
-            Creator::parse(String::from_utf8_lossy(&owner).trim_matches(['\0', ' ', '\n']));
+        let holder = Creator::from_lock(&owner);
         let stale = match &holder {
             Some(c) => c.liveness() == Liveness::Dead,
             None => {

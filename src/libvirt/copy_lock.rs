@@ -91,17 +91,12 @@ impl Libvirt {
     /// be looked at), `Some(None)` when it holds no creator (not yet written,
     /// or never: its call was killed in between).
     fn copy_lock_holder(&self, staging: &StoragePool) -> Option<Option<Creator>> {
-        let lock = self.find_volume(staging, LOCK).ok()??;
-        let size = self.volume_facts(&lock, LOCK).ok()?.capacity.min(4096);
-        let bytes = self.read_volume(&lock, LOCK, size).ok()?;
-        Some(Creator::parse(
-            String::from_utf8_lossy(&bytes).trim_matches(['\0', ' ', '\n']),
-        ))
+        let bytes = self.read_lock_in(staging, LOCK).ok()??;
+        Some(Creator::from_lock(&bytes))
     }
 
+    /// Best effort: the next look finds it again when this fails.
     fn remove_copy_lock(&self, staging: &StoragePool) {
-        if let Ok(Some(lock)) = self.find_volume(staging, LOCK) {
-            let _ = lock.delete(0);
-        }
+        let _ = self.delete_volume(staging, LOCK);
     }
 }

@@ -97,7 +97,15 @@ impl Libvirt {
     /// What lock `name` holds (4 KiB at most); `None` when there is none,
     /// also when it is removed between its lookup and the read.
     pub fn read_lock(&self, pool: &StoragePool, name: &str) -> Result<Option<Vec<u8>>> {
-        let staging = self.staging_pool(pool)?;
+        self.read_lock_in(self.staging_pool(pool)?, name)
+    }
+
+    /// `read_lock`, given the staging pool.
+    pub(super) fn read_lock_in(
+        &self,
+        staging: &StoragePool,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>> {
         let Some(vol) = self.find_volume(staging, name)? else {
             return Ok(None);
         };
